@@ -1,0 +1,1 @@
+//! lora_io: filled by a later issue.

@@ -1,0 +1,1 @@
+//! lora_svd: filled by a later issue.

@@ -1,0 +1,1 @@
+//! lora_train: filled by a later issue.

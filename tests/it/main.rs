@@ -1,0 +1,3 @@
+//! The one integration-test binary of the workspace: cross-crate tests and the tidy rules.
+
+mod tidy;
