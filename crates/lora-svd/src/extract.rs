@@ -7,7 +7,7 @@ use ndarray::{Array1, Array2, ArrayRef2, Axis};
 
 use crate::error::{Error, Result};
 use crate::rank::RankRule;
-use crate::svd::{check_matrix, truncated_svd, MethodUsed, SvdMethod, SvdScalar, TruncatedSvd};
+use crate::svd::{truncated_svd_of, MethodUsed, SvdMethod, SvdScalar, TruncatedSvd};
 
 /// How many leading singular values a [`Report`] keeps by default.
 pub const DEFAULT_SPECTRUM_LEN: usize = 64;
@@ -74,8 +74,7 @@ impl Report {
 /// cannot decide.
 pub fn extract<T: SvdScalar>(delta: &ArrayRef2<T>, config: &ExtractConfig) -> Result<(LoraLayer<T>, Report)> {
     let start = Instant::now();
-    check_matrix("delta", delta)?;
-    let svd = truncated_svd(delta, &config.rule, &config.method)?;
+    let svd = truncated_svd_of("delta", delta, &config.rule, &config.method)?;
     let layer = layer_from_svd(&svd, config.alpha, config.scaling)?;
     let report = Report::from_svd(&svd, config.spectrum_len, start.elapsed());
     Ok((layer, report))
