@@ -1,2 +1,57 @@
-//! placeholder
-fn main() {}
+//! Criterion benchmarks of lora-svd: randomized extraction from 4096 x 4096 and 4096 x 11008
+//! f32 deltas at rank 16 and 64, the exact full SVD of 4096 x 4096, and resize of a rank-64
+//! adapter to rank 16 (factored, against rebuilding dW and a full SVD).
+//!
+//! Run with `cargo bench -p lora-svd --bench svd` (release profile); filter with a name, e.g.
+//! `cargo bench -p lora-svd --bench svd -- resize`. Figures are in docs/benchmarks.md.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use lora_svd::{extract, resize, ExtractConfig, RankRule, SvdMethod};
+use std::hint::black_box;
+use std::time::Duration;
+
+#[path = "support/data.rs"]
+mod data;
+
+fn extraction(c: &mut Criterion) {
+    let mut group = c.benchmark_group("extract");
+    group.sample_size(10).measurement_time(Duration::from_secs(8));
+    for (m, n) in [(4096, 4096), (4096, 11008)] {
+        let delta = data::decaying(m, n, 1);
+        group.throughput(Throughput::Elements((m * n) as u64));
+        for rank in [16, 64] {
+            let config = ExtractConfig::new(RankRule::fixed(rank).expect("rank > 0"), SvdMethod::default());
+            group.bench_with_input(BenchmarkId::new(format!("randomized/{m}x{n}"), rank), &delta, |b, d| {
+                b.iter(|| extract(black_box(d), &config).expect("extraction succeeds"))
+            });
+        }
+        if m == n {
+            // The full SVD does not depend on the rank kept.
+            let config = ExtractConfig::new(RankRule::fixed(64).expect("rank > 0"), SvdMethod::Exact);
+            group.sample_size(10).measurement_time(Duration::from_secs(60));
+            group.bench_with_input(BenchmarkId::new(format!("exact/{m}x{n}"), 64), &delta, |b, d| {
+                b.iter(|| extract(black_box(d), &config).expect("extraction succeeds"))
+            });
+            group.measurement_time(Duration::from_secs(8));
+        }
+    }
+    group.finish();
+}
+
+fn resizing(c: &mut Criterion) {
+    let mut group = c.benchmark_group("resize");
+    let delta = data::decaying(4096, 4096, 2);
+    let rule64 = RankRule::fixed(64).expect("rank > 0");
+    let (layer, _) = extract(&delta, &ExtractConfig::new(rule64, SvdMethod::default())).expect("extraction");
+    let rule16 = RankRule::fixed(16).expect("rank > 0");
+    group.throughput(Throughput::Elements(4096 * 4096));
+    group.bench_function("factored/4096x4096/64to16", |b| b.iter(|| resize(black_box(&layer), &rule16)));
+    group.sample_size(10).measurement_time(Duration::from_secs(60));
+    group.bench_function("rebuild+full-svd/4096x4096/64to16", |b| {
+        b.iter(|| extract(&black_box(&layer).delta(), &ExtractConfig::new(rule16, SvdMethod::Exact)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, extraction, resizing);
+criterion_main!(benches);
