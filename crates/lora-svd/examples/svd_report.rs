@@ -6,12 +6,20 @@
 //! - `svd_report time FILE ROWS COLS RANK REPS [OVERSAMPLE POWER_ITERS]`: time randomized
 //!   extraction on a dumped matrix, print JSON.
 //!
+//! - `svd_report model LAYERS THREADS`: model-level extraction of LAYERS 4096 x 4096 deltas at
+//!   rank 64, sequential (THREADS = 0) or THREADS layers at once; prints wall time and CPU time
+//!   (set `OPENBLAS_NUM_THREADS` to choose BLAS's threads).
+//!
 //! Build with `--release`: `cargo run --release -p lora-svd --example svd_report -- full`.
 
 use std::io::Write;
 use std::time::Instant;
 
-use lora_svd::{extract, resize, ExtractConfig, RankRule, Randomized, SvdMethod};
+use lora_core::{DType, MemorySource};
+use lora_svd::{
+    extract, extract_model, resize, ExtractConfig, ModelConfig, ModelExtraction, Parallelism, Progress, Randomized,
+    RankRule, Selection, SvdMethod,
+};
 use ndarray::Array2;
 
 #[path = "../benches/support/data.rs"]
@@ -25,7 +33,10 @@ fn main() -> anyhow::Result<()> {
         Some("full") => full(),
         Some("dump") => dump(args.get(1).map_or("/tmp/lora-svd-bench", String::as_str)),
         Some("time") => time(&args[1..]),
-        _ => anyhow::bail!("usage: svd_report full | dump DIR | time FILE ROWS COLS RANK REPS [P Q]"),
+        Some("model") => model(&args[1..]),
+        _ => anyhow::bail!(
+            "usage: svd_report full | dump DIR | time FILE ROWS COLS RANK REPS [P Q] | model LAYERS THREADS"
+        ),
     }
 }
 
@@ -149,5 +160,42 @@ fn time(args: &[String]) -> anyhow::Result<()> {
         err = report.relative_error;
     }
     println!("{{\"times\": {times:?}, \"rel_error\": {err}}}");
+    Ok(())
+}
+
+/// User plus system CPU time of this process, in seconds (Linux).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
+    ticks / 100.0
+}
+
+fn model(args: &[String]) -> anyhow::Result<()> {
+    let [layers, threads] = args else { anyhow::bail!("model LAYERS THREADS") };
+    let (layers, threads): (usize, usize) = (layers.parse()?, threads.parse()?);
+    let mut base = MemorySource::new();
+    let mut tuned = MemorySource::new();
+    for i in 0..layers {
+        let name = format!("model.layers.{i}.mlp.up_proj.weight");
+        let w = data::gaussian(4096, 4096, 100 + i as u64).mapv(|v| v * 0.02);
+        let delta = data::decaying(4096, 4096, 200 + i as u64);
+        base.insert(&name, w.clone().into_dyn(), DType::F32);
+        tuned.insert(&name, (w + delta).into_dyn(), DType::F32);
+    }
+    let config = ModelConfig {
+        extract: ExtractConfig::new(RankRule::fixed(64)?, SvdMethod::default()),
+        selection: Selection::default(),
+        parallelism: if threads == 0 { Parallelism::Sequential } else { Parallelism::Layers(threads) },
+    };
+    let (cpu, start) = (cpu_seconds(), Instant::now());
+    let out: ModelExtraction<f32> = extract_model(&base, &tuned, &config, &|_: &Progress<'_>| {})?;
+    let (wall, cpu) = (seconds(start), cpu_seconds() - cpu);
+    anyhow::ensure!(out.modules.len() == layers, "every layer extracted");
+    println!(
+        "{{\"layers\": {layers}, \"threads\": {threads}, \"blas_threads\": {:?}, \"wall_s\": {wall:.3}, \"cpu_s\": {cpu:.2}, \"cores_busy\": {:.2}}}",
+        std::env::var("OPENBLAS_NUM_THREADS").unwrap_or_else(|_| "default".into()),
+        cpu / wall
+    );
     Ok(())
 }

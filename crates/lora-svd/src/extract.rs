@@ -91,7 +91,10 @@ pub(crate) fn layer_from_svd<T: SvdScalar>(
     let alpha = alpha.unwrap_or_else(|| scaling.alpha_for_scale(1.0, k));
     let scale = scaling.scale(alpha, k);
     if !(scale.is_finite() && scale != 0.0) {
-        return Err(Error::param("alpha", format!("gives scale {scale} at rank {k}, which must be finite and non-zero")));
+        return Err(Error::param(
+            "alpha",
+            format!("gives scale {scale} at rank {k}, which must be finite and non-zero"),
+        ));
     }
     split_factors(svd.u(), svd.s(), svd.vt(), alpha, scaling, scale)
 }

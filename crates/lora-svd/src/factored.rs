@@ -45,9 +45,12 @@ impl FactoredSvd {
         let (qa, ra) = thin_qr(a.t().mapv(|v| v.as_f64()))?;
         let core = rb.dot(&ra.t()) * scale;
         let (k1, k2) = core.dim();
-        let (uc, sigma, vct) = core
-            .svddc_into(JobSvd::Some)
-            .map_err(|source| Error::Lapack { routine: "gesdd", rows: k1, cols: k2, source })?;
+        let (uc, sigma, vct) = core.svddc_into(JobSvd::Some).map_err(|source| Error::Lapack {
+            routine: "gesdd",
+            rows: k1,
+            cols: k2,
+            source,
+        })?;
         let (uc, vct) = (uc.expect("gesdd was asked for U"), vct.expect("gesdd was asked for Vt"));
         let spectrum = sigma.to_vec();
         if let Some(i) = spectrum.iter().position(|v| !v.is_finite()) {
@@ -143,7 +146,10 @@ pub fn combine<T: SvdScalar>(
     let start = Instant::now();
     let first = layers.first().ok_or_else(|| Error::param("layers", "at least one layer is needed, got none"))?;
     if weights.len() != layers.len() {
-        return Err(Error::param("weights", format!("one per layer: {} layers, {} weights", layers.len(), weights.len())));
+        return Err(Error::param(
+            "weights",
+            format!("one per layer: {} layers, {} weights", layers.len(), weights.len()),
+        ));
     }
     if let Some((i, w)) = weights.iter().enumerate().find(|(_, w)| !w.is_finite()) {
         return Err(Error::param("weights", format!("weight {i} is {w}, must be finite")));

@@ -165,7 +165,7 @@ pub struct Progress<'a> {
 }
 
 enum Outcome<T> {
-    Extracted(LoraLayer<T>, Report),
+    Extracted(Box<(LoraLayer<T>, Report)>),
     Unchanged,
     Differs(SkipReason),
     Same,
@@ -225,7 +225,7 @@ where
         }
         .map_err(|e| e.in_tensor(name))?;
         let report = match &outcome {
-            Outcome::Extracted(_, report) => Some(report),
+            Outcome::Extracted(done) => Some(&done.1),
             _ => None,
         };
         let done = done.fetch_add(1, Ordering::SeqCst) + 1;
@@ -247,7 +247,8 @@ where
     let mut unchanged = Vec::new();
     for ((name, _, _), outcome) in jobs.iter().zip(outcomes) {
         match outcome {
-            Outcome::Extracted(layer, report) => {
+            Outcome::Extracted(done) => {
+                let (layer, report) = *done;
                 let module = name.strip_suffix(".weight").unwrap_or(name).to_string();
                 modules.insert(module, ExtractedModule { tensor: name.to_string(), layer, report });
             }
@@ -276,7 +277,7 @@ fn extract_one<T: SvdScalar, B: TensorSource + ?Sized, U: TensorSource + ?Sized>
     let mut config = config.clone();
     config.method = reseed(config.method, name);
     let (layer, report) = extract(&delta, &config)?;
-    Ok(Outcome::Extracted(layer, report))
+    Ok(Outcome::Extracted(Box::new((layer, report))))
 }
 
 fn differs<B: TensorSource + ?Sized, U: TensorSource + ?Sized>(base: &B, tuned: &U, name: &str) -> Result<bool> {
@@ -288,7 +289,8 @@ fn differs<B: TensorSource + ?Sized, U: TensorSource + ?Sized>(base: &B, tuned: 
 /// The method with its seed mixed with the tensor name (FNV-1a), so that a tensor's result does
 /// not depend on which other tensors are extracted or in which order.
 fn reseed(method: SvdMethod, name: &str) -> SvdMethod {
-    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
+    let hash =
+        name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
     match method {
         SvdMethod::Exact => SvdMethod::Exact,
         SvdMethod::Randomized(mut p) => {

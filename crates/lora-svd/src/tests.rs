@@ -228,7 +228,7 @@ fn the_cumulative_rule_needs_the_exact_method() {
 
 #[test]
 fn auto_picks_randomized_only_for_small_ranks() {
-    let delta = decaying(300, 260, 10);
+    let delta = decaying(400, 300, 10);
     let (_, small) = extract(&delta, &ExtractConfig::new(fixed(8), SvdMethod::default())).unwrap();
     assert!(matches!(small.method, MethodUsed::Randomized { .. }));
     let (_, large) = extract(&delta, &ExtractConfig::new(fixed(100), SvdMethod::default())).unwrap();
@@ -292,8 +292,7 @@ fn resize_equals_truncating_the_svd_of_the_rebuilt_delta() {
         let layer = random_layer(40, 50, 12, 24.0, scaling, 15);
         for k in [1, 5, 12] {
             let (small, report) = resize(&layer, &fixed(k)).unwrap();
-            let (want, want_report) =
-                extract(&layer.delta(), &ExtractConfig::new(fixed(k), SvdMethod::Exact)).unwrap();
+            let (want, want_report) = extract(&layer.delta(), &ExtractConfig::new(fixed(k), SvdMethod::Exact)).unwrap();
             let scale = frob(&layer.delta());
             assert!(frob(&(small.delta() - want.delta())) <= 1e-4 * scale, "{scaling:?} k = {k}");
             assert!((report.relative_error - want_report.relative_error).abs() <= 1e-6);
@@ -430,7 +429,8 @@ fn model_extraction_pairs_tensors_and_reports_what_it_left_out() {
     let (base, tuned) = models();
     let calls = std::sync::Mutex::new(Vec::new());
     let progress = |p: &Progress<'_>| calls.lock().unwrap().push((p.done, p.total, p.tensor.to_string()));
-    let out: ModelExtraction<f32> = extract_model(&base, &tuned, &model_config(Parallelism::Sequential), &progress).unwrap();
+    let out: ModelExtraction<f32> =
+        extract_model(&base, &tuned, &model_config(Parallelism::Sequential), &progress).unwrap();
     let names: Vec<&str> = out.modules.keys().map(String::as_str).collect();
     assert_eq!(names, ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]);
     for m in out.modules.values() {
