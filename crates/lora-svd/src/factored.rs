@@ -11,7 +11,7 @@ use ndarray_linalg::{JobSvd, SVDDCInto};
 use crate::error::{Error, Result};
 use crate::extract::{split_factors, Report};
 use crate::rank::RankRule;
-use crate::svd::{thin_qr, MethodUsed, SvdScalar};
+use crate::svd::{cholesky_r, thin_qr, MethodUsed, SvdScalar};
 
 /// The SVD of s B A (B (d_out, R), A (R, d_in)) in f64: U (d_out, k), S, Vᵀ (k, d_in) with k
 /// from `rule`, the whole spectrum, and ||s B A||_F^2. Never forms the (d_out, d_in) product.
@@ -41,9 +41,11 @@ impl FactoredSvd {
         scale: f64,
         choose: impl FnOnce(&[f64], f64) -> usize,
     ) -> Result<Self> {
-        let (qb, rb) = thin_qr(b.mapv(|v| v.as_f64()))?;
-        let (qa, ra) = thin_qr(a.t().mapv(|v| v.as_f64()))?;
-        let core = rb.dot(&ra.t()) * scale;
+        let b64 = b.mapv(|v| v.as_f64());
+        let at64 = a.t().mapv(|v| v.as_f64());
+        let basis_b = Basis::of(&b64)?;
+        let basis_a = Basis::of(&at64)?;
+        let core = basis_b.r().dot(&basis_a.r().t()) * scale;
         let (k1, k2) = core.dim();
         let (uc, sigma, vct) = core.svddc_into(JobSvd::Some).map_err(|source| Error::Lapack {
             routine: "gesdd",
@@ -58,8 +60,8 @@ impl FactoredSvd {
         }
         let total: f64 = spectrum.iter().map(|v| v * v).sum();
         let k = choose(&spectrum, total).clamp(1, spectrum.len());
-        let u = qb.dot(&uc.slice(s![.., ..k]));
-        let vt = vct.slice(s![..k, ..]).dot(&qa.t());
+        let u = basis_b.times(&b64, &uc.slice(s![.., ..k]).to_owned());
+        let vt = basis_a.times(&at64, &vct.slice(s![..k, ..]).t().to_owned()).reversed_axes();
         Ok(FactoredSvd { u, s: sigma.slice(s![..k]).to_owned(), vt, spectrum, total })
     }
 
@@ -103,6 +105,57 @@ impl FactoredSvd {
         };
         Ok((layer, report))
     }
+}
+
+/// A basis of the columns of a thin factor Y (m, r) = Q R.
+enum Basis {
+    /// Q = Y R⁻¹ is never formed: R from the Cholesky factor of the f64 Gram matrix, accurate
+    /// while cond(Y)^2 eps_f64 is small.
+    Implicit(Array2<f64>),
+    /// Q and R from a thin QR (rank-deficient or ill-conditioned factors).
+    Explicit(Array2<f64>, Array2<f64>),
+}
+
+impl Basis {
+    fn of(y: &Array2<f64>) -> Result<Self> {
+        if y.nrows() >= y.ncols() {
+            if let Some(r) = cholesky_r(y, 1e-8) {
+                return Ok(Basis::Implicit(r));
+            }
+        }
+        let (q, r) = thin_qr(y.clone())?;
+        Ok(Basis::Explicit(q, r))
+    }
+
+    fn r(&self) -> &Array2<f64> {
+        match self {
+            Basis::Implicit(r) | Basis::Explicit(_, r) => r,
+        }
+    }
+
+    /// Q X for a small X (rows of R, k): Y (R⁻¹ X) or Q X.
+    fn times(&self, y: &Array2<f64>, x: &Array2<f64>) -> Array2<f64> {
+        match self {
+            Basis::Implicit(r) => y.dot(&solve_upper(r, x)),
+            Basis::Explicit(q, _) => q.dot(x),
+        }
+    }
+}
+
+/// R⁻¹ X for an upper triangular, non-singular R, by back substitution.
+fn solve_upper(r: &Array2<f64>, x: &Array2<f64>) -> Array2<f64> {
+    let n = r.nrows();
+    let mut out = x.clone();
+    for c in 0..x.ncols() {
+        for i in (0..n).rev() {
+            let mut v = out[[i, c]];
+            for j in i + 1..n {
+                v -= r[[i, j]] * out[[j, c]];
+            }
+            out[[i, c]] = v / r[[i, i]];
+        }
+    }
+    out
 }
 
 /// Change the rank of an adapter layer by `rule`, without building dW: QR of B and of Aᵀ, SVD of

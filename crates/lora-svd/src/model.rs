@@ -280,10 +280,16 @@ fn extract_one<T: SvdScalar, B: TensorSource + ?Sized, U: TensorSource + ?Sized>
     Ok(Outcome::Extracted(Box::new((layer, report))))
 }
 
+/// True when the tensor's values differ bit for bit, read in f32 unless it is stored as f64
+/// (half the memory of f64 for the common f16 / bf16 / f32 tensors).
 fn differs<B: TensorSource + ?Sized, U: TensorSource + ?Sized>(base: &B, tuned: &U, name: &str) -> Result<bool> {
-    let b = base.read_f64(name)?;
-    let t = tuned.read_f64(name)?;
-    Ok(b.iter().zip(t.iter()).any(|(x, y)| x.to_bits() != y.to_bits()) || b.shape() != t.shape())
+    let wide = |s: Option<lora_core::TensorInfo>| s.is_some_and(|i| i.dtype == lora_core::DType::F64);
+    if wide(base.tensor_info(name)) || wide(tuned.tensor_info(name)) {
+        let (b, t) = (base.read_f64(name)?, tuned.read_f64(name)?);
+        return Ok(b.shape() != t.shape() || b.iter().zip(t.iter()).any(|(x, y)| x.to_bits() != y.to_bits()));
+    }
+    let (b, t) = (base.read_f32(name)?, tuned.read_f32(name)?);
+    Ok(b.shape() != t.shape() || b.iter().zip(t.iter()).any(|(x, y)| x.to_bits() != y.to_bits()))
 }
 
 /// The method with its seed mixed with the tensor name (FNV-1a), so that a tensor's result does

@@ -450,11 +450,20 @@ pub(crate) fn householder_q<T: SvdScalar>(y: Array2<T>) -> Result<Array2<T>> {
     Ok(q)
 }
 
-/// Q = Y R⁻¹ with Rᵀ R = Yᵀ Y, or `None` when Y is too ill-conditioned for this to be accurate
-/// (one pass loses orthogonality like cond(Y)² eps; two passes recover it while that is < 1).
-fn cholesky_qr<T: SvdScalar>(y: &Array2<T>) -> Option<(Array2<T>, Array2<f64>)> {
+/// The Cholesky factor R (upper, f64) of the Gram matrix Yᵀ Y of an f64 matrix, or `None` when
+/// Y is too ill-conditioned for R to be accurate to `max_loss` (estimated as cond(R)^2 eps).
+pub(crate) fn cholesky_r(y: &Array2<f64>, max_loss: f64) -> Option<Array2<f64>> {
     let l = y.ncols();
-    let g = y.t().dot(y);
+    let r = cholesky_upper(&y.t().dot(y))?;
+    let (lo, hi) = (0..l).map(|j| r[j * l + j]).fold((f64::INFINITY, 0.0f64), |(lo, hi), d| (lo.min(d), hi.max(d)));
+    let loss = (hi / lo).powi(2) * f64::EPSILON * 64.0;
+    (loss < max_loss).then(|| Array2::from_shape_vec((l, l), r).expect("l * l values"))
+}
+
+/// The upper Cholesky factor (row-major, l * l) of a symmetric positive definite l x l matrix,
+/// or `None` when a pivot is not positive.
+fn cholesky_upper<T: SvdScalar>(g: &Array2<T>) -> Option<Vec<f64>> {
+    let l = g.nrows();
     let mut r = vec![0.0f64; l * l];
     for j in 0..l {
         let mut d = g[[j, j]].as_f64();
@@ -474,6 +483,14 @@ fn cholesky_qr<T: SvdScalar>(y: &Array2<T>) -> Option<(Array2<T>, Array2<f64>)> 
             r[j * l + i] = v / rjj;
         }
     }
+    Some(r)
+}
+
+/// Q = Y R⁻¹ with Rᵀ R = Yᵀ Y, or `None` when Y is too ill-conditioned for this to be accurate
+/// (one pass loses orthogonality like cond(Y)² eps; two passes recover it while that is < 1).
+fn cholesky_qr<T: SvdScalar>(y: &Array2<T>) -> Option<(Array2<T>, Array2<f64>)> {
+    let l = y.ncols();
+    let r = cholesky_upper(&y.t().dot(y))?;
     let diag = (0..l).map(|j| r[j * l + j]);
     let (lo, hi) = diag.fold((f64::INFINITY, 0.0f64), |(lo, hi), d| (lo.min(d), hi.max(d)));
     let cond = hi / lo;
