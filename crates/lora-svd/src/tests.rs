@@ -573,3 +573,70 @@ proptest! {
         }
     }
 }
+
+/// A tensor source that records how many tensors are being worked on at once: a tensor counts
+/// from its first read until the progress callback reports it done.
+struct CountingSource {
+    inner: MemorySource,
+    started: std::sync::Mutex<std::collections::HashSet<String>>,
+    done: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+}
+
+impl lora_core::TensorSource for CountingSource {
+    fn tensor_names(&self) -> Vec<String> {
+        self.inner.tensor_names()
+    }
+    fn tensor_info(&self, name: &str) -> Option<lora_core::TensorInfo> {
+        self.inner.tensor_info(name)
+    }
+    fn read_f32(&self, name: &str) -> lora_core::Result<ndarray::ArrayD<f32>> {
+        let mut started = self.started.lock().unwrap();
+        started.insert(name.to_string());
+        let in_flight = started.len() - self.done.load(std::sync::atomic::Ordering::SeqCst);
+        self.peak.fetch_max(in_flight, std::sync::atomic::Ordering::SeqCst);
+        drop(started);
+        // Slow reads make the workers overlap, so that a pool larger than asked would show.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        self.inner.read_f32(name)
+    }
+}
+
+#[test]
+fn parallel_extraction_holds_at_most_as_many_tensors_as_threads() {
+    let (mut base, mut tuned) = models();
+    for i in 2..8 {
+        let name = format!("model.layers.{i}.self_attn.q_proj.weight");
+        tuned.insert(&name, gaussian::<f64>(24, 16, 60 + i).into_dyn(), DType::F32);
+        base.insert(&name, Array2::<f64>::zeros((24, 16)).into_dyn(), DType::F32);
+    }
+    for threads in [1, 2, 3] {
+        let source = CountingSource {
+            inner: tuned.clone(),
+            started: Default::default(),
+            done: Default::default(),
+            peak: Default::default(),
+        };
+        let progress = |_: &Progress<'_>| {
+            source.done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        };
+        let out: ModelExtraction<f32> =
+            extract_model(&base, &source, &model_config(Parallelism::Layers(threads)), &progress).unwrap();
+        assert_eq!(out.modules.len(), 8);
+        let peak = source.peak.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(peak >= 1 && peak <= threads, "{peak} tensors at once with {threads} threads");
+    }
+}
+
+#[test]
+fn dora_modules_are_not_combined() {
+    use lora_core::{Adapter, AdapterConfig, AdapterModule, DoraLayer, TargetModules};
+    let layer = random_layer(8, 6, 2, 4.0, Scaling::Standard, 70);
+    let mut config = AdapterConfig::new(2, 4.0, TargetModules::AllLinear);
+    config.use_dora = true;
+    let mut adapter = Adapter::new(config);
+    let dora = DoraLayer::new(layer, Array1::ones(6)).unwrap();
+    adapter.insert("q", AdapterModule::dora(dora)).unwrap();
+    let err = combine_adapters(&[&adapter, &adapter], &[1.0, 1.0], &CombineMethod::Linear).unwrap_err();
+    assert!(err.to_string().contains("module q") && err.to_string().contains("dora"), "{err}");
+}
