@@ -245,9 +245,9 @@ pub fn write_model(
         if !is_file || is_weights || name.starts_with('.') {
             continue;
         }
-        if name == "config.json" && options.dtype.is_some() {
-            if let Some(mut config) = template.config.clone() {
-                let label = match options.dtype.expect("checked") {
+        if let (true, Some(dtype), Some(mut config)) = (name == "config.json", options.dtype, template.config.clone()) {
+            {
+                let label = match dtype {
                     DType::F16 => "float16",
                     DType::BF16 => "bfloat16",
                     DType::F32 => "float32",
