@@ -1,3 +1,4 @@
 //! The one integration-test binary of the workspace: cross-crate tests and the tidy rules.
 
+mod io_fixtures;
 mod tidy;
