@@ -71,3 +71,6 @@ pub use peft::{
     META_DTYPE, META_PEFT_CONFIG, PEFT_PREFIX, WEIGHTS_FILE,
 };
 pub use st::{write_safetensors, PlannedTensor, SafetensorsFile, SafetensorsWriter};
+
+#[cfg(test)]
+mod tests;
