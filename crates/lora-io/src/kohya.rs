@@ -15,7 +15,7 @@ use std::path::Path;
 
 use indexmap::IndexMap;
 use lora_core::{Adapter, AdapterConfig, AdapterModule, DType, LoraLayer, ModuleKind, Scalar, Scaling, TargetModules, TensorSource};
-use ndarray::{Array2, ArrayD};
+use ndarray::Array2;
 
 use crate::error::{Error, Location, Result};
 use crate::peft::{dtype_label, file_metadata, output_dtype, read_2d, with_metadata, META_DTYPE};
@@ -102,7 +102,7 @@ pub fn write_kohya<T: Scalar>(adapter: &Adapter<T>, path: impl AsRef<Path>, opti
     let dtype = output_dtype(adapter, options.dtype);
     let mut seen: BTreeMap<String, &str> = BTreeMap::new();
     let mut plan = Vec::new();
-    let mut tensors: Vec<(String, ArrayD<T>)> = Vec::new();
+    let mut keys = Vec::new();
     for (name, m) in adapter.modules() {
         let key = format!("{}_{}", options.prefix, flatten(name));
         if let Some(other) = seen.insert(key.clone(), name) {
@@ -112,14 +112,10 @@ pub fn write_kohya<T: Scalar>(adapter: &Adapter<T>, path: impl AsRef<Path>, opti
             });
         }
         let layer = m.layer();
-        // kohya's scale is alpha / r: the alpha that keeps this module's scale.
-        let alpha = Scaling::Standard.alpha_for_scale(layer.scale(), layer.rank());
         plan.push(PlannedTensor::new(format!("{key}.lora_down.weight"), layer.a().shape(), dtype));
         plan.push(PlannedTensor::new(format!("{key}.lora_up.weight"), layer.b().shape(), dtype));
         plan.push(PlannedTensor::new(format!("{key}.alpha"), &[], DType::F32));
-        tensors.push((format!("{key}.lora_down.weight"), layer.a().clone().into_dyn()));
-        tensors.push((format!("{key}.lora_up.weight"), layer.b().clone().into_dyn()));
-        tensors.push((format!("{key}.alpha"), ArrayD::from_elem(ndarray::IxDyn(&[]), T::from_f64(alpha))));
+        keys.push(key);
     }
     let mut metadata = file_metadata(adapter);
     metadata.remove("format");
@@ -130,8 +126,13 @@ pub fn write_kohya<T: Scalar>(adapter: &Adapter<T>, path: impl AsRef<Path>, opti
     let paths: Vec<&String> = adapter.modules().keys().collect();
     metadata.insert(META_MODULE_PATHS.into(), serde_json::to_string(&paths).expect("strings serialise"));
     let mut w = SafetensorsWriter::create(path, plan, &metadata)?;
-    for (n, t) in &tensors {
-        w.write(n, t)?;
+    for (key, m) in keys.iter().zip(adapter.modules().values()) {
+        let layer = m.layer();
+        // kohya's scale is alpha / r: the alpha that keeps this module's scale.
+        let alpha = Scaling::Standard.alpha_for_scale(layer.scale(), layer.rank());
+        w.write(&format!("{key}.lora_down.weight"), layer.a())?;
+        w.write(&format!("{key}.lora_up.weight"), layer.b())?;
+        w.write(&format!("{key}.alpha"), &ndarray::arr0(alpha))?;
     }
     w.finish()
 }

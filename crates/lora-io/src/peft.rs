@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use indexmap::IndexMap;
 use lora_core::{Adapter, AdapterConfig, AdapterModule, DType, DoraLayer, LoraLayer, Scalar, Scaling, TargetModules};
-use ndarray::{Array1, Array2, ArrayD, Ix1, Ix2};
+use ndarray::{Array1, Array2, Ix1, Ix2};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -609,22 +609,22 @@ fn has_embedding<T: Scalar>(adapter: &Adapter<T>) -> bool {
     adapter.modules().values().any(|m| m.kind() == lora_core::ModuleKind::Embedding)
 }
 
-/// The tensor keys (in file order) and values of an adapter in PEFT's layout.
-pub(crate) fn peft_tensors<T: Scalar>(adapter: &Adapter<T>) -> Vec<(String, ArrayD<T>)> {
+/// The tensor keys (in file order) and values of an adapter in PEFT's layout, borrowed.
+pub(crate) fn peft_tensors<T: Scalar>(adapter: &Adapter<T>) -> Vec<(String, ndarray::ArrayViewD<'_, T>)> {
     let mut out = Vec::new();
     for (name, m) in adapter.modules() {
         let (a, b) = match m.kind() {
             lora_core::ModuleKind::Linear => ("lora_A.weight", "lora_B.weight"),
             lora_core::ModuleKind::Embedding => ("lora_embedding_A", "lora_embedding_B"),
         };
-        out.push((format!("{PEFT_PREFIX}{name}.{a}"), m.layer().a().clone().into_dyn()));
-        out.push((format!("{PEFT_PREFIX}{name}.{b}"), m.layer().b().clone().into_dyn()));
+        out.push((format!("{PEFT_PREFIX}{name}.{a}"), m.layer().a().view().into_dyn()));
+        out.push((format!("{PEFT_PREFIX}{name}.{b}"), m.layer().b().view().into_dyn()));
         if let Some(mag) = m.magnitude() {
-            out.push((format!("{PEFT_PREFIX}{name}.lora_magnitude_vector"), mag.clone().into_dyn()));
+            out.push((format!("{PEFT_PREFIX}{name}.lora_magnitude_vector"), mag.view().into_dyn()));
         }
     }
     for (name, t) in adapter.saved_tensors() {
-        out.push((format!("{PEFT_PREFIX}{name}"), t.clone()));
+        out.push((format!("{PEFT_PREFIX}{name}"), t.view()));
     }
     out
 }

@@ -150,14 +150,9 @@ impl SafetensorsFile {
         self.decode(name, decode_f64)
     }
 
-    /// Decode a tensor in `T`.
+    /// Decode a tensor in `T` (f32 loses precision only for F64 tensors).
     pub fn tensor<T: Scalar>(&self, name: &str) -> Result<ArrayD<T>> {
-        // f64 is exact from every stored dtype; f32 loses precision only for F64 tensors.
-        if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f64>() {
-            Ok(self.tensor_f64(name)?.mapv(T::from_f64))
-        } else {
-            Ok(self.tensor_f32(name)?.mapv(|v| T::from_f64(f64::from(v))))
-        }
+        T::read_from(self, name).map_err(|e| from_core(&self.path, name, e))
     }
 
     fn decode<T>(&self, name: &str, f: impl Fn(Dtype, &[u8]) -> std::result::Result<Vec<T>, ()>) -> Result<ArrayD<T>> {
@@ -193,6 +188,17 @@ impl TensorSource for SafetensorsFile {
 
     fn read_f64(&self, name: &str) -> lora_core::Result<ArrayD<f64>> {
         Ok(self.tensor_f64(name)?)
+    }
+}
+
+/// Undo the wrapping of our own error into lora-core's by the `TensorSource` impl.
+pub(crate) fn from_core(path: &Path, name: &str, e: lora_core::Error) -> Error {
+    match e {
+        lora_core::Error::Source { source, .. } => match source.downcast::<Error>() {
+            Ok(mine) => *mine,
+            Err(other) => Error::header(Location::tensor(path, name), other.to_string()),
+        },
+        other => Error::core(Location::tensor(path, name), other),
     }
 }
 
@@ -410,16 +416,14 @@ impl SafetensorsWriter {
             });
         }
         let dtype = planned.dtype;
-        let mut buf = Vec::with_capacity(65536 * 8);
+        let mut buf = Vec::with_capacity(CHUNK * 8);
         let mut it = tensor.iter().peekable();
         while it.peek().is_some() {
             buf.clear();
-            for v in it.by_ref().take(65536) {
-                encode(dtype, v.as_f64(), &mut buf).map_err(|()| Error::UnsupportedDType {
-                    at: Location::tensor(self.file.path(), name),
-                    dtype: dtype_name(dtype),
-                })?;
-            }
+            encode(dtype, it.by_ref().take(CHUNK), &mut buf).map_err(|()| Error::UnsupportedDType {
+                at: Location::tensor(self.file.path(), name),
+                dtype: dtype_name(dtype),
+            })?;
             self.file.write_all(&buf)?;
         }
         self.next += 1;
@@ -463,13 +467,33 @@ impl SafetensorsWriter {
     }
 }
 
-fn encode(dtype: Dtype, v: f64, out: &mut Vec<u8>) -> std::result::Result<(), ()> {
-    match dtype {
-        Dtype::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
-        Dtype::F64 => out.extend_from_slice(&v.to_le_bytes()),
-        Dtype::F16 => out.extend_from_slice(&f16::from_f64(v).to_le_bytes()),
-        Dtype::BF16 => out.extend_from_slice(&bf16::from_f64(v).to_le_bytes()),
+/// Elements encoded per write.
+const CHUNK: usize = 1 << 16;
+
+/// Encode values as little-endian `dtype`, rounding to nearest even. The dtype is matched once
+/// per chunk, not per element, and the output is filled in place (which the compiler
+/// vectorises); f32 inputs go to f16 / bf16 through the f32 conversions (exact widening, so the
+/// same result as from f64).
+fn encode<'a, T: Scalar>(dtype: Dtype, values: impl Iterator<Item = &'a T>, out: &mut Vec<u8>) -> std::result::Result<(), ()> {
+    let is_f32 = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>();
+    let values: Vec<T> = values.copied().collect();
+    let width = match dtype {
+        Dtype::F32 => 4,
+        Dtype::F64 => 8,
+        Dtype::F16 | Dtype::BF16 => 2,
         _ => return Err(()),
+    };
+    out.resize(values.len() * width, 0);
+    let chunks = out.chunks_exact_mut(width).zip(values.iter());
+    match dtype {
+        Dtype::F32 => chunks.for_each(|(o, v)| o.copy_from_slice(&(v.as_f64() as f32).to_le_bytes())),
+        Dtype::F64 => chunks.for_each(|(o, v)| o.copy_from_slice(&v.as_f64().to_le_bytes())),
+        Dtype::F16 if is_f32 => chunks.for_each(|(o, v)| o.copy_from_slice(&f16::from_f32(v.as_f64() as f32).to_le_bytes())),
+        Dtype::F16 => chunks.for_each(|(o, v)| o.copy_from_slice(&f16::from_f64(v.as_f64()).to_le_bytes())),
+        Dtype::BF16 if is_f32 => {
+            chunks.for_each(|(o, v)| o.copy_from_slice(&bf16::from_f32(v.as_f64() as f32).to_le_bytes()))
+        }
+        _ => chunks.for_each(|(o, v)| o.copy_from_slice(&bf16::from_f64(v.as_f64()).to_le_bytes())),
     }
     Ok(())
 }
