@@ -12,7 +12,6 @@
 //! same permutation is applied to the rows of lora_b (lora_a is unchanged), and undone on
 //! reading. DoRA, embeddings and `modules_to_save` have no GGUF adapter form and are refused.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -25,7 +24,7 @@ use serde_json::Value;
 
 use crate::atomic::AtomicFile;
 use crate::error::{Error, Location, Result};
-use crate::peft::{dtype_label, output_dtype, with_metadata, META_DTYPE};
+use crate::peft::{dtype_label, output_dtype, META_DTYPE};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const VERSION: u32 = 3;
@@ -508,12 +507,8 @@ pub fn read_gguf<T: Scalar>(path: impl AsRef<Path>, base_config: Option<&Value>)
         modules.push((module, layer));
     }
     let rank = modules.first().map_or(1, |(_, l): &(String, LoraLayer<T>)| l.rank());
-    let config = AdapterConfig::new(rank, alpha, TargetModules::List(modules.iter().map(|(m, _)| m.clone()).collect()));
-    let mut adapter = Adapter::new(config);
-    for (m, layer) in modules {
-        adapter.insert(m.clone(), AdapterModule::linear(layer)).map_err(|e| Error::core(Location::tensor(path, &m), e))?;
-    }
-    let mut metadata = BTreeMap::new();
+    let mut config = AdapterConfig::new(rank, alpha, TargetModules::List(modules.iter().map(|(m, _)| m.clone()).collect()));
+    let metadata = &mut config.metadata;
     metadata.insert(META_ARCH.to_string(), arch);
     if let (Some(h), Some(hk)) = (heads, heads_kv) {
         metadata.insert(META_HEADS.to_string(), h.to_string());
@@ -522,7 +517,11 @@ pub fn read_gguf<T: Scalar>(path: impl AsRef<Path>, base_config: Option<&Value>)
     if let Some(d) = stored {
         metadata.insert(META_DTYPE.to_string(), dtype_label(d).to_string());
     }
-    Ok(with_metadata(adapter, metadata))
+    let mut adapter = Adapter::new(config);
+    for (m, layer) in modules {
+        adapter.insert(m.clone(), AdapterModule::linear(layer)).map_err(|e| Error::core(Location::tensor(path, &m), e))?;
+    }
+    Ok(adapter)
 }
 
 struct OutTensor<T> {
@@ -638,15 +637,9 @@ pub fn write_gguf<T: Scalar>(adapter: &Adapter<T>, path: impl AsRef<Path>, optio
     f.write_all(&header)?;
     let mut buf = Vec::new();
     for t in &out {
-        buf.clear();
-        for v in t.data.iter() {
-            let v = v.as_f64();
-            match dtype {
-                DType::F16 => buf.extend_from_slice(&f16::from_f64(v).to_le_bytes()),
-                DType::BF16 => buf.extend_from_slice(&bf16::from_f64(v).to_le_bytes()),
-                _ => buf.extend_from_slice(&(v as f32).to_le_bytes()),
-            }
-        }
+        let data = t.data.as_standard_layout();
+        let values = data.as_slice().expect("standard layout is contiguous");
+        crate::st::encode(crate::st::st_dtype(dtype), values, &mut buf).expect("F32, F16 and BF16 are encodable");
         pad(&mut buf);
         f.write_all(&buf)?;
     }

@@ -18,7 +18,7 @@ use lora_core::{Adapter, AdapterConfig, AdapterModule, DType, LoraLayer, ModuleK
 use ndarray::Array2;
 
 use crate::error::{Error, Location, Result};
-use crate::peft::{dtype_label, file_metadata, output_dtype, read_2d, with_metadata, META_DTYPE};
+use crate::peft::{dtype_label, file_metadata, output_dtype, read_2d, META_DTYPE};
 use crate::st::{PlannedTensor, SafetensorsFile, SafetensorsWriter};
 
 /// Metadata key holding the JSON list of module paths, in key order.
@@ -244,16 +244,15 @@ pub fn read_kohya<T: Scalar>(path: impl AsRef<Path>, resolver: &ModuleResolver) 
         .unwrap_or(1);
     let alpha = parse("ss_network_alpha").or_else(|| modules.first().map(|(_, l)| l.alpha())).unwrap_or(rank as f64);
     let mut config = AdapterConfig::new(rank, alpha, TargetModules::List(modules.iter().map(|(m, _)| m.clone()).collect()));
-    config.base_model = None;
+    config.metadata = meta.clone();
+    if let Some(d) = stored_dtype {
+        config.metadata.insert(META_DTYPE.into(), dtype_label(d).into());
+    }
     let mut adapter = Adapter::new(config);
     for (m, layer) in modules {
         adapter.insert(m.clone(), AdapterModule::linear(layer)).map_err(|e| Error::core(Location::tensor(path, &m), e))?;
     }
-    let mut metadata: BTreeMap<String, String> = meta.clone();
-    if let Some(d) = stored_dtype {
-        metadata.insert(META_DTYPE.into(), dtype_label(d).into());
-    }
-    Ok(with_metadata(adapter, metadata))
+    Ok(adapter)
 }
 
 fn most_common(it: impl Iterator<Item = usize>) -> Option<usize> {

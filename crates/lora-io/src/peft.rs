@@ -396,7 +396,11 @@ pub fn read_peft<T: Scalar>(path: impl AsRef<Path>) -> Result<Adapter<T>> {
     let scaling = if pc.use_rslora { Scaling::RsLora } else { Scaling::Standard };
     let mut metadata: BTreeMap<String, String> = file.metadata().clone();
     metadata.insert(META_PEFT_CONFIG.into(), config_text.clone());
-    let mut stored_dtype = None;
+    // The stored dtype of the factors, recorded so that writers keep it.
+    let stored_dtype = modules.values().find_map(|p| p.a.as_ref().or(p.ea.as_ref())).and_then(|k| file.dtype(k));
+    if let Some(d) = stored_dtype {
+        metadata.insert(META_DTYPE.into(), dtype_label(d).into());
+    }
     let config = AdapterConfig {
         base_model: pc.base_model_name_or_path.clone(),
         target_modules: match &pc.target_modules {
@@ -411,7 +415,7 @@ pub fn read_peft<T: Scalar>(path: impl AsRef<Path>) -> Result<Adapter<T>> {
         use_dora: pc.use_dora,
         fan_in_fan_out: pc.fan_in_fan_out,
         modules_to_save: mts.clone(),
-        metadata: BTreeMap::new(),
+        metadata,
     };
     let mut adapter = Adapter::<T>::new(config);
 
@@ -434,9 +438,6 @@ pub fn read_peft<T: Scalar>(path: impl AsRef<Path>) -> Result<Adapter<T>> {
                 ))
             }
         };
-        if stored_dtype.is_none() {
-            stored_dtype = file.dtype(a_key);
-        }
         let a: Array2<T> = read_2d(&file, a_key)?;
         let b: Array2<T> = read_2d(&file, b_key)?;
         let rank = a.nrows();
@@ -492,24 +493,7 @@ pub fn read_peft<T: Scalar>(path: impl AsRef<Path>) -> Result<Adapter<T>> {
         let t = file.tensor::<T>(&key)?;
         adapter.insert_saved(name, t).map_err(|e| Error::core(Location::tensor(&weights_path, &key), e))?;
     }
-    if let Some(d) = stored_dtype {
-        metadata.insert(META_DTYPE.into(), dtype_label(d).into());
-    }
-    Ok(with_metadata(adapter, metadata))
-}
-
-/// The adapter with its config's metadata replaced.
-pub(crate) fn with_metadata<T: Scalar>(adapter: Adapter<T>, metadata: BTreeMap<String, String>) -> Adapter<T> {
-    let mut config = adapter.config().clone();
-    config.metadata = metadata;
-    let mut out = Adapter::new(config);
-    for (n, m) in adapter.modules() {
-        out.insert(n.clone(), m.clone()).expect("same config, already checked");
-    }
-    for (n, t) in adapter.saved_tensors() {
-        out.insert_saved(n.clone(), t.clone()).expect("already checked");
-    }
-    out
+    Ok(adapter)
 }
 
 pub(crate) fn dtype_label(d: DType) -> &'static str {

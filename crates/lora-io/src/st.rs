@@ -417,14 +417,21 @@ impl SafetensorsWriter {
         }
         let dtype = planned.dtype;
         let mut buf = Vec::with_capacity(CHUNK * 8);
-        let mut it = tensor.iter().peekable();
-        while it.peek().is_some() {
-            buf.clear();
-            encode(dtype, it.by_ref().take(CHUNK), &mut buf).map_err(|()| Error::UnsupportedDType {
-                at: Location::tensor(self.file.path(), name),
-                dtype: dtype_name(dtype),
-            })?;
-            self.file.write_all(&buf)?;
+        let path = self.file.path().to_path_buf();
+        let unsupported = || Error::UnsupportedDType { at: Location::tensor(&path, name), dtype: dtype_name(dtype) };
+        if let Some(slice) = tensor.as_slice() {
+            // Contiguous row-major data: plain slices, no n-dimensional iterator.
+            for chunk in slice.chunks(CHUNK) {
+                encode(dtype, chunk, &mut buf).map_err(|()| unsupported())?;
+                self.file.write_all(&buf)?;
+            }
+        } else {
+            let mut it = tensor.iter().peekable();
+            while it.peek().is_some() {
+                let chunk: Vec<T> = it.by_ref().take(CHUNK).copied().collect();
+                encode(dtype, &chunk, &mut buf).map_err(|()| unsupported())?;
+                self.file.write_all(&buf)?;
+            }
         }
         self.next += 1;
         Ok(())
@@ -474,9 +481,8 @@ const CHUNK: usize = 1 << 16;
 /// per chunk, not per element, and the output is filled in place (which the compiler
 /// vectorises); f32 inputs go to f16 / bf16 through the f32 conversions (exact widening, so the
 /// same result as from f64).
-fn encode<'a, T: Scalar>(dtype: Dtype, values: impl Iterator<Item = &'a T>, out: &mut Vec<u8>) -> std::result::Result<(), ()> {
+pub(crate) fn encode<T: Scalar>(dtype: Dtype, values: &[T], out: &mut Vec<u8>) -> std::result::Result<(), ()> {
     let is_f32 = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>();
-    let values: Vec<T> = values.copied().collect();
     let width = match dtype {
         Dtype::F32 => 4,
         Dtype::F64 => 8,
