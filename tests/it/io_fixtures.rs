@@ -63,7 +63,15 @@ fn every_fixture_reads_writes_and_reads_back_exactly() -> Result<()> {
         let (ca, cb) = (a.config(), b.config());
         ensure!(
             (ca.rank, ca.alpha, ca.scaling, ca.use_dora, ca.fan_in_fan_out, &ca.modules_to_save, &ca.target_modules)
-                == (cb.rank, cb.alpha, cb.scaling, cb.use_dora, cb.fan_in_fan_out, &cb.modules_to_save, &cb.target_modules),
+                == (
+                    cb.rank,
+                    cb.alpha,
+                    cb.scaling,
+                    cb.use_dora,
+                    cb.fan_in_fan_out,
+                    &cb.modules_to_save,
+                    &cb.target_modules
+                ),
             "{name}: configs differ"
         );
         // Byte for byte: same keys, dtypes and data as the file PEFT wrote.
@@ -96,7 +104,10 @@ fn fixture_configs_resolve_patterns_the_way_peft_does() -> Result<()> {
     ensure!(alpha("model.layers.0.self_attn.v_proj") == Some(8.0) && alpha("model.layers.0.mlp.up_proj") == Some(32.0));
     ensure!(alpha("model.layers.1.mlp.up_proj") == Some(16.0));
     let r = adapter("rslora")?;
-    ensure!(r.config().scaling == lora_core::Scaling::RsLora && r.module("model.layers.0.self_attn.q_proj").map(|m| m.layer().scale()) == Some(4.0));
+    ensure!(
+        r.config().scaling == lora_core::Scaling::RsLora
+            && r.module("model.layers.0.self_attn.q_proj").map(|m| m.layer().scale()) == Some(4.0)
+    );
     let e = adapter("embed_save")?;
     ensure!(e.module("model.embed_tokens").map(|m| m.kind()) == Some(ModuleKind::Embedding));
     ensure!(e.saved_tensors().contains_key("lm_head.weight"));
@@ -149,7 +160,12 @@ fn merging_a_peft_fixture_gives_peft_merged_weights() -> Result<()> {
             ensure!(ours.tensor_info(&tensor).map(|i| i.dtype) == Some(dtype), "{name}: {tensor} dtype");
             let (x, y, w) = (ours.read_f32(&tensor)?, peft.read_f32(&tensor)?, base.read_f32(&tensor)?);
             ensure!(x.shape() == y.shape(), "{name}: {tensor} shape");
-            let bad = x.iter().zip(y.iter()).zip(w.iter()).filter(|((o, t), w)| !close(**o, **t, w.abs(), dtype, 1e-5)).count();
+            let bad = x
+                .iter()
+                .zip(y.iter())
+                .zip(w.iter())
+                .filter(|((o, t), w)| !close(**o, **t, w.abs(), dtype, 1e-5))
+                .count();
             let worst = x.iter().zip(y.iter()).map(|(o, t)| (o - t).abs()).fold(0.0f32, f32::max);
             ensure!(bad == 0, "{name}: {tensor}: {bad} elements off (max abs diff {worst:e})");
             case_worst = case_worst.max(worst);
@@ -291,7 +307,8 @@ fn formats_that_cannot_hold_a_feature_refuse_it() -> Result<()> {
         let a = adapter(name)?;
         let g = write_gguf(&a, tmp.path().join("x.gguf"), &llama).expect_err("gguf must refuse");
         ensure!(g.to_string().contains(needle), "{name}: {g}");
-        let k = write_kohya(&a, tmp.path().join("x.safetensors"), &KohyaOptions::default()).expect_err("kohya must refuse");
+        let k =
+            write_kohya(&a, tmp.path().join("x.safetensors"), &KohyaOptions::default()).expect_err("kohya must refuse");
         ensure!(k.to_string().contains(needle), "{name}: {k}");
     }
     ensure!(std::fs::read_dir(tmp.path())?.count() == 0, "a refused write left a file behind");
@@ -332,8 +349,11 @@ fn reading_decodes_f16_and_bf16_exactly() -> Result<()> {
         let x: ArrayD<f32> = f.tensor_f32(key)?;
         for (i, v) in x.iter().enumerate() {
             let bits = [raw[2 * i], raw[2 * i + 1]];
-            let want =
-                if dtype == "F16" { half::f16::from_le_bytes(bits).to_f32() } else { half::bf16::from_le_bytes(bits).to_f32() };
+            let want = if dtype == "F16" {
+                half::f16::from_le_bytes(bits).to_f32()
+            } else {
+                half::bf16::from_le_bytes(bits).to_f32()
+            };
             ensure!(v.to_bits() == want.to_bits());
         }
     }

@@ -13,7 +13,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use lora_core::{Adapter, AdapterConfig, AdapterModule, DType, Init, LoraLayer, Scaling, TargetModules, TensorSource};
 use lora_io::{
     read_peft, write_gguf, write_model, write_peft, GgufOptions, ModelFolder, ModelWriteOptions, PeftWriteOptions,
-    SafetensorsWriter, PlannedTensor,
+    PlannedTensor, SafetensorsWriter,
 };
 use ndarray::Array2;
 
@@ -28,7 +28,8 @@ fn make_model(dir: &Path, mb: usize) -> u64 {
     let mut total = 0u64;
     for s in 0..shards {
         let file = format!("model-{:05}-of-{shards:05}.safetensors", s + 1);
-        let names: Vec<String> = (s * per..((s + 1) * per).min(n_tensors)).map(|i| format!("model.layers.{i}.mlp.up_proj.weight")).collect();
+        let names: Vec<String> =
+            (s * per..((s + 1) * per).min(n_tensors)).map(|i| format!("model.layers.{i}.mlp.up_proj.weight")).collect();
         let plan = names.iter().map(|n| PlannedTensor::new(n.clone(), &[SIDE, SIDE], DType::F32)).collect();
         let mut w = SafetensorsWriter::create(dir.join(&file), plan, &BTreeMap::new()).expect("bench folder");
         for n in &names {
@@ -49,7 +50,8 @@ fn make_adapter(mb: usize) -> Adapter<f32> {
     let modules = (mb / 4).max(1);
     let mut a = Adapter::new(AdapterConfig::new(64, 128.0, TargetModules::List(vec!["q_proj".into()])));
     for i in 0..modules {
-        let layer = LoraLayer::init(4096, 4096, 64, 128.0, Scaling::Standard, Init::Random { b_std: 0.01 }, i as u64).expect("layer");
+        let layer = LoraLayer::init(4096, 4096, 64, 128.0, Scaling::Standard, Init::Random { b_std: 0.01 }, i as u64)
+            .expect("layer");
         a.insert(format!("model.layers.{}.self_attn.q_proj", i), AdapterModule::linear(layer)).expect("insert");
     }
     a
@@ -82,10 +84,15 @@ fn benches(c: &mut Criterion) {
         b.iter(|| write_model(&model, &out, &ModelWriteOptions::default(), |_| Ok(None)).expect("write"))
     });
     g.bench_function("write_model_decode_encode_f32", |b| {
-        b.iter(|| write_model(&model, &out, &ModelWriteOptions::default(), |n| Ok(Some(model.read_f32(n).expect("read")))).expect("write"))
+        b.iter(|| {
+            write_model(&model, &out, &ModelWriteOptions::default(), |n| Ok(Some(model.read_f32(n).expect("read"))))
+                .expect("write")
+        })
     });
     g.bench_function("write_model_to_bf16", |b| {
-        b.iter(|| write_model(&model, &out, &ModelWriteOptions { dtype: Some(DType::BF16) }, |_| Ok(None)).expect("write"))
+        b.iter(|| {
+            write_model(&model, &out, &ModelWriteOptions { dtype: Some(DType::BF16) }, |_| Ok(None)).expect("write")
+        })
     });
     g.bench_function("decode_all_f32", |b| {
         b.iter(|| model.tensor_names().iter().map(|n| model.read_f32(n).expect("read").len()).sum::<usize>())

@@ -32,9 +32,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         match flag.as_str() {
             "--base" => {
                 let model = ModelFolder::open(value)?;
-                read.modules = Some(
-                    model.names().filter_map(|n| n.strip_suffix(".weight")).map(str::to_string).collect(),
-                );
+                read.modules =
+                    Some(model.names().filter_map(|n| n.strip_suffix(".weight")).map(str::to_string).collect());
                 read.base_config = model.config().cloned();
                 write.base_config = model.config().cloned();
             }

@@ -147,7 +147,9 @@ pub fn write_adapter_with<T: Scalar>(
         Format::Kohya => write_kohya(adapter, &path, &KohyaOptions { dtype: options.dtype, ..KohyaOptions::default() }),
         Format::Gguf => {
             let gguf = match &options.base_config {
-                Some(c) => GgufOptions::from_hf_config(c).map_err(|reason| Error::config(Location::file(&path), reason))?,
+                Some(c) => {
+                    GgufOptions::from_hf_config(c).map_err(|reason| Error::config(Location::file(&path), reason))?
+                }
                 None => GgufOptions::from_adapter(adapter).ok_or_else(|| {
                     Error::config(
                         Location::file(&path),

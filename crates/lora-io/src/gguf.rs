@@ -67,11 +67,11 @@ impl GgufOptions {
                 ))
             }
         };
-        let head_count = config
-            .get("num_attention_heads")
-            .and_then(Value::as_u64)
-            .ok_or("config.json has no num_attention_heads")? as usize;
-        let head_count_kv = config.get("num_key_value_heads").and_then(Value::as_u64).map_or(head_count, |v| v as usize);
+        let head_count =
+            config.get("num_attention_heads").and_then(Value::as_u64).ok_or("config.json has no num_attention_heads")?
+                as usize;
+        let head_count_kv =
+            config.get("num_key_value_heads").and_then(Value::as_u64).map_or(head_count, |v| v as usize);
         Ok(GgufOptions { architecture: architecture.into(), head_count, head_count_kv, dtype: None })
     }
 
@@ -135,7 +135,7 @@ pub fn module_name(gguf: &str) -> Option<String> {
 
 /// llama.cpp's rotary permutation of the output rows of q (heads = n_head) and k (heads =
 /// n_head_kv): within each head, rows [first half; second half] become interleaved pairs.
-fn permute_rows<T: Scalar>(b: &Array2<T>, heads: usize, inverse: bool) -> Option<Array2<T>> {
+fn permute_rows<T: Scalar>(b: &ndarray::ArrayRef2<T>, heads: usize, inverse: bool) -> Option<Array2<T>> {
     let rows = b.nrows();
     if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
         return None;
@@ -283,7 +283,10 @@ impl Cursor<'_> {
             11 => GgufValue::Int(self.u64(key)? as i64),
             12 => GgufValue::Float(f64::from_bits(self.u64(key)?)),
             other => {
-                return Err(Error::header(Location::tensor(self.path, key), format!("unknown metadata value type {other}")))
+                return Err(Error::header(
+                    Location::tensor(self.path, key),
+                    format!("unknown metadata value type {other}"),
+                ))
             }
         })
     }
@@ -301,7 +304,10 @@ impl GgufFile {
         }
         let version = c.u32("version")?;
         if !(2..=3).contains(&version) {
-            return Err(Error::header(Location::file(path), format!("GGUF version {version} is not supported (2 or 3)")));
+            return Err(Error::header(
+                Location::file(path),
+                format!("GGUF version {version} is not supported (2 or 3)"),
+            ));
         }
         let n_tensors = c.u64("tensor count")?;
         let n_kv = c.u64("metadata count")?;
@@ -323,7 +329,10 @@ impl GgufFile {
             Some(GgufValue::Uint(a)) if *a > 0 && a.is_power_of_two() => *a,
             None => ALIGNMENT,
             Some(other) => {
-                return Err(Error::header(Location::tensor(path, "general.alignment"), format!("invalid alignment {other:?}")))
+                return Err(Error::header(
+                    Location::tensor(path, "general.alignment"),
+                    format!("invalid alignment {other:?}"),
+                ))
             }
         };
         let mut tensors = IndexMap::new();
@@ -382,7 +391,8 @@ impl GgufFile {
 
     /// Decode a tensor to f32, in numpy order (dims reversed).
     pub fn tensor_f32(&self, name: &str) -> Result<ArrayD<f32>> {
-        let t = self.tensors.get(name).ok_or_else(|| Error::TensorNotFound { at: Location::tensor(&self.path, name) })?;
+        let t =
+            self.tensors.get(name).ok_or_else(|| Error::TensorNotFound { at: Location::tensor(&self.path, name) })?;
         let n: usize = t.dims.iter().map(|&d| d as usize).product();
         let start = self.data_start + t.offset as usize;
         let values: Vec<f32> = match t.ggml_type {
@@ -390,12 +400,17 @@ impl GgufFile {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
                 .collect(),
-            GGML_F16 => {
-                self.map[start..start + 2 * n].chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-            }
-            _ => self.map[start..start + 2 * n].chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            GGML_F16 => self.map[start..start + 2 * n]
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            _ => self.map[start..start + 2 * n]
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
         };
-        ArrayD::from_shape_vec(IxDyn(&t.shape()), values).map_err(|_| Error::header(Location::tensor(&self.path, name), "bad shape"))
+        ArrayD::from_shape_vec(IxDyn(&t.shape()), values)
+            .map_err(|_| Error::header(Location::tensor(&self.path, name), "bad shape"))
     }
 
     fn dtype(&self, name: &str) -> Option<DType> {
@@ -465,8 +480,12 @@ pub fn read_gguf<T: Scalar>(path: impl AsRef<Path>, base_config: Option<&Value>)
     for (base, (a_key, b_key)) in &pairs {
         let (a_key, b_key) = match (a_key, b_key) {
             (Some(a), Some(b)) => (a, b),
-            (Some(a), None) => return Err(Error::MissingPair { at: Location::tensor(path, a), missing: "lora_b".into() }),
-            (None, Some(b)) => return Err(Error::MissingPair { at: Location::tensor(path, b), missing: "lora_a".into() }),
+            (Some(a), None) => {
+                return Err(Error::MissingPair { at: Location::tensor(path, a), missing: "lora_b".into() })
+            }
+            (None, Some(b)) => {
+                return Err(Error::MissingPair { at: Location::tensor(path, b), missing: "lora_a".into() })
+            }
             (None, None) => unreachable!("an entry is made with one of them"),
         };
         let module = module_name(base).ok_or_else(|| Error::UnknownTensor {
@@ -475,15 +494,21 @@ pub fn read_gguf<T: Scalar>(path: impl AsRef<Path>, base_config: Option<&Value>)
         })?;
         stored = stored.or_else(|| g.dtype(a_key));
         let to2 = |k: &str| -> Result<Array2<T>> {
-            g.tensor_f32(k)?
-                .mapv(|v| T::from_f64(f64::from(v)))
-                .into_dimensionality()
-                .map_err(|_| Error::Shape { at: Location::tensor(path, k), expected: "[_, _]".into(), got: g.tensors()[k].shape() })
+            g.tensor_f32(k)?.mapv(|v| T::from_f64(f64::from(v))).into_dimensionality().map_err(|_| Error::Shape {
+                at: Location::tensor(path, k),
+                expected: "[_, _]".into(),
+                got: g.tensors()[k].shape(),
+            })
         };
         let a = to2(a_key)?;
         let mut b = to2(b_key)?;
         if b.ncols() != a.nrows() {
-            return Err(Error::RankMismatch { at: Location::tensor(path, b_key), got: b.ncols(), expected: a.nrows(), what: a_key.clone() });
+            return Err(Error::RankMismatch {
+                at: Location::tensor(path, b_key),
+                got: b.ncols(),
+                expected: a.nrows(),
+                what: a_key.clone(),
+            });
         }
         let qk_heads = if base.ends_with(".attn_q") {
             Some(heads)
@@ -499,15 +524,19 @@ pub fn read_gguf<T: Scalar>(path: impl AsRef<Path>, base_config: Option<&Value>)
                     format!("{arch}.attention.head_count is not in the file: pass the base model's config.json"),
                 )
             })?;
-            b = permute_rows(&b, h, true).ok_or_else(|| {
-                Error::Shape { at: Location::tensor(path, b_key), expected: format!("rows divisible by 2 x {h} heads"), got: b.shape().to_vec() }
+            b = permute_rows(&b, h, true).ok_or_else(|| Error::Shape {
+                at: Location::tensor(path, b_key),
+                expected: format!("rows divisible by 2 x {h} heads"),
+                got: b.shape().to_vec(),
             })?;
         }
-        let layer = LoraLayer::new(a, b, alpha, Scaling::Standard).map_err(|e| Error::core(Location::tensor(path, a_key), e))?;
+        let layer = LoraLayer::new(a, b, alpha, Scaling::Standard)
+            .map_err(|e| Error::core(Location::tensor(path, a_key), e))?;
         modules.push((module, layer));
     }
     let rank = modules.first().map_or(1, |(_, l): &(String, LoraLayer<T>)| l.rank());
-    let mut config = AdapterConfig::new(rank, alpha, TargetModules::List(modules.iter().map(|(m, _)| m.clone()).collect()));
+    let mut config =
+        AdapterConfig::new(rank, alpha, TargetModules::List(modules.iter().map(|(m, _)| m.clone()).collect()));
     let metadata = &mut config.metadata;
     metadata.insert(META_ARCH.to_string(), arch);
     if let (Some(h), Some(hk)) = (heads, heads_kv) {
@@ -519,14 +548,16 @@ pub fn read_gguf<T: Scalar>(path: impl AsRef<Path>, base_config: Option<&Value>)
     }
     let mut adapter = Adapter::new(config);
     for (m, layer) in modules {
-        adapter.insert(m.clone(), AdapterModule::linear(layer)).map_err(|e| Error::core(Location::tensor(path, &m), e))?;
+        adapter
+            .insert(m.clone(), AdapterModule::linear(layer))
+            .map_err(|e| Error::core(Location::tensor(path, &m), e))?;
     }
     Ok(adapter)
 }
 
-struct OutTensor<T> {
+struct OutTensor<'a, T> {
     name: String,
-    data: Array2<T>,
+    data: ndarray::CowArray<'a, T, ndarray::Ix2>,
 }
 
 /// Write an adapter as a llama.cpp GGUF LoRA file, atomically.
@@ -545,10 +576,16 @@ pub fn write_gguf<T: Scalar>(adapter: &Adapter<T>, path: impl AsRef<Path>, optio
         ));
     }
     if let Some(name) = adapter.saved_tensors().keys().next() {
-        return Err(Error::unsupported(Location::tensor(path, name), "GGUF adapters cannot hold full tensors of modules_to_save"));
+        return Err(Error::unsupported(
+            Location::tensor(path, name),
+            "GGUF adapters cannot hold full tensors of modules_to_save",
+        ));
     }
     if cfg.fan_in_fan_out {
-        return Err(Error::unsupported(Location::file(path), "GGUF adapters are for Llama-family models; fan_in_fan_out is GPT-2's"));
+        return Err(Error::unsupported(
+            Location::file(path),
+            "GGUF adapters are for Llama-family models; fan_in_fan_out is GPT-2's",
+        ));
     }
     let dtype = match output_dtype(adapter, options.dtype) {
         DType::F64 => DType::F32,
@@ -556,16 +593,26 @@ pub fn write_gguf<T: Scalar>(adapter: &Adapter<T>, path: impl AsRef<Path>, optio
     };
     let alpha = Scaling::Standard.alpha_for_scale(cfg.scaling.scale(cfg.alpha, cfg.rank), cfg.rank);
     let alpha = if alpha.is_finite() && alpha > 0.0 { alpha } else { cfg.rank as f64 };
-    let mut out: Vec<OutTensor<T>> = Vec::new();
+    let mut out: Vec<OutTensor<'_, T>> = Vec::new();
     for (name, m) in adapter.modules() {
         if m.kind() == ModuleKind::Embedding {
             return Err(Error::unsupported(Location::tensor(path, name), "GGUF adapters cannot hold embedding LoRA"));
         }
-        let base = gguf_name(name).ok_or_else(|| {
-            Error::UnknownModule { at: Location::tensor(path, name), module: format!("{name} (no llama.cpp tensor name for it)") }
+        let base = gguf_name(name).ok_or_else(|| Error::UnknownModule {
+            at: Location::tensor(path, name),
+            module: format!("{name} (no llama.cpp tensor name for it)"),
         })?;
-        let folded = m.layer().with_alpha(alpha, Scaling::Standard).map_err(|e| Error::core(Location::tensor(path, name), e))?;
-        let (a, mut b) = folded.into_factors();
+        // llama.cpp's scale is alpha_file / r: fold s_module r / alpha_file into lora_b.
+        let layer = m.layer();
+        let factor = layer.scale() / Scaling::Standard.scale(alpha, layer.rank());
+        if !factor.is_finite() {
+            return Err(Error::core(Location::tensor(path, name), lora_core::Error::NonFiniteFactor { factor }));
+        }
+        let mut b = if factor == 1.0 {
+            ndarray::CowArray::from(layer.b().view())
+        } else {
+            ndarray::CowArray::from(layer.b() * T::from_f64(factor))
+        };
         let heads = if base.ends_with(".attn_q") {
             Some(options.head_count)
         } else if base.ends_with(".attn_k") {
@@ -574,13 +621,14 @@ pub fn write_gguf<T: Scalar>(adapter: &Adapter<T>, path: impl AsRef<Path>, optio
             None
         };
         if let (Some(h), true) = (heads, options.permutes_qk()) {
-            b = permute_rows(&b, h, false).ok_or_else(|| Error::Shape {
+            let permuted = permute_rows(&b, h, false).ok_or_else(|| Error::Shape {
                 at: Location::tensor(path, name),
                 expected: format!("lora_B rows divisible by 2 x {h} heads"),
                 got: b.shape().to_vec(),
             })?;
+            b = ndarray::CowArray::from(permuted);
         }
-        out.push(OutTensor { name: format!("{base}.weight.lora_a"), data: a });
+        out.push(OutTensor { name: format!("{base}.weight.lora_a"), data: ndarray::CowArray::from(layer.a().view()) });
         out.push(OutTensor { name: format!("{base}.weight.lora_b"), data: b });
     }
 

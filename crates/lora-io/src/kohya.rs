@@ -14,7 +14,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use indexmap::IndexMap;
-use lora_core::{Adapter, AdapterConfig, AdapterModule, DType, LoraLayer, ModuleKind, Scalar, Scaling, TargetModules, TensorSource};
+use lora_core::{
+    Adapter, AdapterConfig, AdapterModule, DType, LoraLayer, ModuleKind, Scalar, Scaling, TargetModules, TensorSource,
+};
 use ndarray::Array2;
 
 use crate::error::{Error, Location, Result};
@@ -26,7 +28,8 @@ pub const META_MODULE_PATHS: &str = "lora_io.module_paths";
 
 /// Key prefixes recognised on reading (sd-scripts' U-Net and text-encoder prefixes, and a bare
 /// `lora`).
-pub const KNOWN_PREFIXES: [&str; 7] = ["lora_te", "lora_unet", "lora_te1", "lora_te2", "lora_te3", "lora_transformer", "lora"];
+pub const KNOWN_PREFIXES: [&str; 7] =
+    ["lora_te", "lora_unet", "lora_te1", "lora_te2", "lora_te3", "lora_transformer", "lora"];
 
 /// Where the reader finds the module paths that underscore names map back to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,11 +45,7 @@ impl ModuleResolver {
     /// The module paths of a base model: its 2-D tensor names with `.weight` removed.
     pub fn from_model<S: TensorSource + ?Sized>(source: &S) -> Self {
         ModuleResolver::Modules(
-            source
-                .tensor_names()
-                .into_iter()
-                .filter_map(|n| n.strip_suffix(".weight").map(str::to_string))
-                .collect(),
+            source.tensor_names().into_iter().filter_map(|n| n.strip_suffix(".weight").map(str::to_string)).collect(),
         )
     }
 }
@@ -161,7 +160,10 @@ pub fn read_kohya<T: Scalar>(path: impl AsRef<Path>, resolver: &ModuleResolver) 
     let mut candidates: Vec<String> = Vec::new();
     if let Some(text) = file.metadata().get(META_MODULE_PATHS) {
         let listed: Vec<String> = serde_json::from_str(text).map_err(|e| {
-            Error::config(Location::tensor(path, META_MODULE_PATHS), format!("metadata is not a json list of strings: {e}"))
+            Error::config(
+                Location::tensor(path, META_MODULE_PATHS),
+                format!("metadata is not a json list of strings: {e}"),
+            )
         })?;
         candidates.extend(listed);
     }
@@ -205,11 +207,18 @@ pub fn read_kohya<T: Scalar>(path: impl AsRef<Path>, resolver: &ModuleResolver) 
     for (base, g) in &groups {
         let (down, up) = match (&g.down, &g.up) {
             (Some(d), Some(u)) => (d, u),
-            (Some(d), None) => return Err(Error::MissingPair { at: Location::tensor(path, d), missing: "lora_up.weight".into() }),
-            (None, Some(u)) => return Err(Error::MissingPair { at: Location::tensor(path, u), missing: "lora_down.weight".into() }),
+            (Some(d), None) => {
+                return Err(Error::MissingPair { at: Location::tensor(path, d), missing: "lora_up.weight".into() })
+            }
+            (None, Some(u)) => {
+                return Err(Error::MissingPair { at: Location::tensor(path, u), missing: "lora_down.weight".into() })
+            }
             (None, None) => {
                 let a = g.alpha.as_deref().unwrap_or(base);
-                return Err(Error::MissingPair { at: Location::tensor(path, a), missing: "lora_down.weight and lora_up.weight".into() });
+                return Err(Error::MissingPair {
+                    at: Location::tensor(path, a),
+                    missing: "lora_down.weight and lora_up.weight".into(),
+                });
             }
         };
         let module = resolve(path, down, base, &by_flat, resolver)?;
@@ -219,19 +228,29 @@ pub fn read_kohya<T: Scalar>(path: impl AsRef<Path>, resolver: &ModuleResolver) 
         let a: Array2<T> = read_2d(&file, down)?;
         let b: Array2<T> = read_2d(&file, up)?;
         if b.ncols() != a.nrows() {
-            return Err(Error::RankMismatch { at: Location::tensor(path, up), got: b.ncols(), expected: a.nrows(), what: down.clone() });
+            return Err(Error::RankMismatch {
+                at: Location::tensor(path, up),
+                got: b.ncols(),
+                expected: a.nrows(),
+                what: down.clone(),
+            });
         }
         let alpha = match &g.alpha {
             None => a.nrows() as f64,
             Some(k) => {
                 let t = file.tensor_f64(k)?;
                 if t.len() != 1 {
-                    return Err(Error::Shape { at: Location::tensor(path, k), expected: "[] (a scalar)".into(), got: t.shape().to_vec() });
+                    return Err(Error::Shape {
+                        at: Location::tensor(path, k),
+                        expected: "[] (a scalar)".into(),
+                        got: t.shape().to_vec(),
+                    });
                 }
                 t.iter().next().copied().expect("one element")
             }
         };
-        let layer = LoraLayer::new(a, b, alpha, Scaling::Standard).map_err(|e| Error::core(Location::tensor(path, down), e))?;
+        let layer =
+            LoraLayer::new(a, b, alpha, Scaling::Standard).map_err(|e| Error::core(Location::tensor(path, down), e))?;
         modules.push((module, layer));
     }
 
@@ -243,14 +262,17 @@ pub fn read_kohya<T: Scalar>(path: impl AsRef<Path>, resolver: &ModuleResolver) 
         .or_else(|| most_common(modules.iter().map(|(_, l)| l.rank())))
         .unwrap_or(1);
     let alpha = parse("ss_network_alpha").or_else(|| modules.first().map(|(_, l)| l.alpha())).unwrap_or(rank as f64);
-    let mut config = AdapterConfig::new(rank, alpha, TargetModules::List(modules.iter().map(|(m, _)| m.clone()).collect()));
+    let mut config =
+        AdapterConfig::new(rank, alpha, TargetModules::List(modules.iter().map(|(m, _)| m.clone()).collect()));
     config.metadata = meta.clone();
     if let Some(d) = stored_dtype {
         config.metadata.insert(META_DTYPE.into(), dtype_label(d).into());
     }
     let mut adapter = Adapter::new(config);
     for (m, layer) in modules {
-        adapter.insert(m.clone(), AdapterModule::linear(layer)).map_err(|e| Error::core(Location::tensor(path, &m), e))?;
+        adapter
+            .insert(m.clone(), AdapterModule::linear(layer))
+            .map_err(|e| Error::core(Location::tensor(path, &m), e))?;
     }
     Ok(adapter)
 }
@@ -288,7 +310,10 @@ fn resolve(
                     "{base} could stand for several module paths (underscores are ambiguous) and the file \
                      records none: give the base model (its tensor names) to resolve it"
                 ),
-                _ => format!("{base} matches no module path of the base model (prefixes tried: {})", KNOWN_PREFIXES.join(", ")),
+                _ => format!(
+                    "{base} matches no module path of the base model (prefixes tried: {})",
+                    KNOWN_PREFIXES.join(", ")
+                ),
             };
             Err(Error::Ambiguous { at: Location::tensor(path, tensor), reason })
         }

@@ -58,7 +58,8 @@ mod st;
 
 pub use error::{Error, Location, Result};
 pub use format::{
-    detect_format, read_adapter, read_adapter_with, write_adapter, write_adapter_with, Format, ReadOptions, WriteOptions,
+    detect_format, read_adapter, read_adapter_with, write_adapter, write_adapter_with, Format, ReadOptions,
+    WriteOptions,
 };
 pub use gguf::{
     gguf_name, module_name, read_gguf, write_gguf, GgufFile, GgufOptions, GgufTensorInfo, GgufValue, META_ARCH,
@@ -67,8 +68,8 @@ pub use gguf::{
 pub use kohya::{flatten, read_kohya, write_kohya, KohyaOptions, ModuleResolver, KNOWN_PREFIXES, META_MODULE_PATHS};
 pub use model::{check_adapter_against_model, write_model, ModelFolder, ModelWriteOptions, INDEX_FILE, SINGLE_FILE};
 pub use peft::{
-    peft_config_for, read_peft, write_peft, PeftConfig, PeftWriteOptions, TargetModulesJson, CONFIG_FILE,
-    META_DTYPE, META_PEFT_CONFIG, PEFT_PREFIX, WEIGHTS_FILE,
+    peft_config_for, read_peft, write_peft, PeftConfig, PeftWriteOptions, TargetModulesJson, CONFIG_FILE, META_DTYPE,
+    META_PEFT_CONFIG, PEFT_PREFIX, WEIGHTS_FILE,
 };
 pub use st::{write_safetensors, PlannedTensor, SafetensorsFile, SafetensorsWriter};
 

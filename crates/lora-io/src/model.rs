@@ -281,10 +281,9 @@ pub fn check_adapter_against_model<T: lora_core::Scalar, S: TensorSource + ?Size
     let path = adapter_path.as_ref();
     for (name, m) in adapter.modules() {
         let weight = format!("{name}.weight");
-        let info = model.tensor_info(&weight).ok_or_else(|| Error::UnknownModule {
-            at: Location::tensor(path, name),
-            module: name.clone(),
-        })?;
+        let info = model
+            .tensor_info(&weight)
+            .ok_or_else(|| Error::UnknownModule { at: Location::tensor(path, name), module: name.clone() })?;
         let layout = m.layout(adapter.config().fan_in_fan_out);
         let expected = layout.shape(m.layer().d_out(), m.layer().d_in());
         if info.shape != expected {

@@ -213,7 +213,9 @@ impl PeftConfig {
     pub fn alpha_for(&self, module: &str) -> Result<f64> {
         match pattern_value(&self.alpha_pattern, module).map_err(|r| self.field_error("alpha_pattern", r))? {
             None => Ok(self.lora_alpha),
-            Some(v) => v.as_f64().ok_or_else(|| self.field_error("alpha_pattern", format!("value {v} is not a number"))),
+            Some(v) => {
+                v.as_f64().ok_or_else(|| self.field_error("alpha_pattern", format!("value {v} is not a number")))
+            }
         }
     }
 
@@ -223,7 +225,9 @@ impl PeftConfig {
             match t {
                 TargetModulesJson::List(names) => Ok(names.iter().any(|n| list_matches(n, module))),
                 TargetModulesJson::Regex(s) if s == "all-linear" => Ok(true),
-                TargetModulesJson::Regex(s) => Ok(full_regex(s).map_err(|r| self.field_error(field, r))?.is_match(module)),
+                TargetModulesJson::Regex(s) => {
+                    Ok(full_regex(s).map_err(|r| self.field_error(field, r))?.is_match(module))
+                }
             }
         };
         let included = match &self.target_modules {
@@ -335,7 +339,9 @@ pub fn read_peft<T: Scalar>(path: impl AsRef<Path>) -> Result<Adapter<T>> {
         return Err(Error::config(at_cfg("r"), "r must be at least 1"));
     }
     let resolve_err = |e: Error| match e {
-        Error::Config { at, reason } => Error::Config { at: Location { path: config_path.clone(), tensor: at.tensor }, reason },
+        Error::Config { at, reason } => {
+            Error::Config { at: Location { path: config_path.clone(), tensor: at.tensor }, reason }
+        }
         other => other,
     };
     let file = SafetensorsFile::open(&weights_path)?;
@@ -451,7 +457,11 @@ pub fn read_peft<T: Scalar>(path: impl AsRef<Path>) -> Result<Adapter<T>> {
         }
         let expected = pc.rank_for(module).map_err(resolve_err)?;
         if expected != rank {
-            let what = if pc.rank_pattern.is_empty() { "adapter_config.json r" } else { "adapter_config.json r / rank_pattern" };
+            let what = if pc.rank_pattern.is_empty() {
+                "adapter_config.json r"
+            } else {
+                "adapter_config.json r / rank_pattern"
+            };
             return Err(Error::RankMismatch {
                 at: Location::tensor(&weights_path, a_key),
                 got: rank,
@@ -460,7 +470,8 @@ pub fn read_peft<T: Scalar>(path: impl AsRef<Path>) -> Result<Adapter<T>> {
             });
         }
         let alpha = pc.alpha_for(module).map_err(resolve_err)?;
-        let layer = LoraLayer::new(a, b, alpha, scaling).map_err(|e| Error::core(Location::tensor(&weights_path, a_key), e))?;
+        let layer =
+            LoraLayer::new(a, b, alpha, scaling).map_err(|e| Error::core(Location::tensor(&weights_path, a_key), e))?;
         let at_a = Location::tensor(&weights_path, a_key);
         let module_value = match (embedding, &p.m, pc.use_dora) {
             (true, None, _) => AdapterModule::embedding(layer),
@@ -470,10 +481,13 @@ pub fn read_peft<T: Scalar>(path: impl AsRef<Path>) -> Result<Adapter<T>> {
                     .tensor::<T>(m_key)?
                     .into_dimensionality::<Ix1>()
                     .map_err(|_| shape_err(&weights_path, m_key, "[d_out]", file.shape(m_key)))?;
-                let dora = DoraLayer::new(layer, m).map_err(|e| Error::core(Location::tensor(&weights_path, m_key), e))?;
+                let dora =
+                    DoraLayer::new(layer, m).map_err(|e| Error::core(Location::tensor(&weights_path, m_key), e))?;
                 AdapterModule::dora(dora)
             }
-            (false, None, true) => return Err(missing(&weights_path, a_key, "lora_magnitude_vector (use_dora is set)")),
+            (false, None, true) => {
+                return Err(missing(&weights_path, a_key, "lora_magnitude_vector (use_dora is set)"))
+            }
             (_, Some(m_key), false) => {
                 return Err(Error::config(
                     Location::tensor(&weights_path, m_key),
@@ -517,14 +531,18 @@ pub(crate) fn parse_dtype_label(s: &str) -> Option<DType> {
 
 /// The dtype to write: the one asked for, else the one the reader recorded, else F32.
 pub(crate) fn output_dtype<T: Scalar>(adapter: &Adapter<T>, asked: Option<DType>) -> DType {
-    asked
-        .or_else(|| adapter.config().metadata.get(META_DTYPE).and_then(|s| parse_dtype_label(s)))
-        .unwrap_or(DType::F32)
+    asked.or_else(|| adapter.config().metadata.get(META_DTYPE).and_then(|s| parse_dtype_label(s))).unwrap_or(DType::F32)
 }
 
 /// The `__metadata__` a writer puts in a file: the adapter's metadata without lora-io's own keys.
 pub(crate) fn file_metadata<T: Scalar>(adapter: &Adapter<T>) -> BTreeMap<String, String> {
-    adapter.config().metadata.iter().filter(|(k, _)| !k.starts_with("lora_io.")).map(|(k, v)| (k.clone(), v.clone())).collect()
+    adapter
+        .config()
+        .metadata
+        .iter()
+        .filter(|(k, _)| !k.starts_with("lora_io."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 fn missing(path: &Path, present: &str, missing: &str) -> Error {
@@ -536,7 +554,9 @@ fn shape_err(path: &Path, key: &str, expected: &str, got: Option<&[usize]>) -> E
 }
 
 pub(crate) fn read_2d<T: Scalar>(file: &SafetensorsFile, key: &str) -> Result<Array2<T>> {
-    file.tensor::<T>(key)?.into_dimensionality::<Ix2>().map_err(|_| shape_err(file.path(), key, "[_, _]", file.shape(key)))
+    file.tensor::<T>(key)?
+        .into_dimensionality::<Ix2>()
+        .map_err(|_| shape_err(file.path(), key, "[_, _]", file.shape(key)))
 }
 
 /// Options of [`write_peft`].

@@ -294,7 +294,11 @@ fn diagnose(buffer: &[u8]) -> Option<(String, String)> {
     entries.sort_by_key(|(_, i)| i.data_offsets);
     for (name, info) in &entries {
         let (s, e) = info.data_offsets;
-        let bits = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).and_then(|c| c.checked_mul(info.dtype.bitsize()));
+        let bits = info
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|c| c.checked_mul(info.dtype.bitsize()));
         let Some(bits) = bits else {
             return Some((name.clone(), format!("shape {:?} overflows", info.shape)));
         };
@@ -494,7 +498,9 @@ pub(crate) fn encode<T: Scalar>(dtype: Dtype, values: &[T], out: &mut Vec<u8>) -
     match dtype {
         Dtype::F32 => chunks.for_each(|(o, v)| o.copy_from_slice(&(v.as_f64() as f32).to_le_bytes())),
         Dtype::F64 => chunks.for_each(|(o, v)| o.copy_from_slice(&v.as_f64().to_le_bytes())),
-        Dtype::F16 if is_f32 => chunks.for_each(|(o, v)| o.copy_from_slice(&f16::from_f32(v.as_f64() as f32).to_le_bytes())),
+        Dtype::F16 if is_f32 => {
+            chunks.for_each(|(o, v)| o.copy_from_slice(&f16::from_f32(v.as_f64() as f32).to_le_bytes()))
+        }
         Dtype::F16 => chunks.for_each(|(o, v)| o.copy_from_slice(&f16::from_f64(v.as_f64()).to_le_bytes())),
         Dtype::BF16 if is_f32 => {
             chunks.for_each(|(o, v)| o.copy_from_slice(&bf16::from_f32(v.as_f64() as f32).to_le_bytes()))

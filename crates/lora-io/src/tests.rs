@@ -5,7 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use lora_core::{deltas, Adapter, AdapterConfig, AdapterModule, DType, DoraLayer, Init, LoraLayer, Scaling, TargetModules, TensorSource};
+use lora_core::{
+    deltas, Adapter, AdapterConfig, AdapterModule, DType, DoraLayer, Init, LoraLayer, Scaling, TargetModules,
+    TensorSource,
+};
 use ndarray::{Array1, ArrayD, IxDyn};
 use proptest::prelude::*;
 
@@ -86,7 +89,12 @@ fn hostile_safetensors_inputs_give_errors_naming_file_and_tensor() {
         ),
         ("bad_json.safetensors", st_bytes(r#"{"w":{"dtype":"F32",,}"#, &[]), None, "json"),
         ("not_utf8.safetensors", [&1u64.to_le_bytes()[..], &[0xff]].concat(), None, "utf-8"),
-        ("unknown_dtype.safetensors", st_bytes(r#"{"w":{"dtype":"Q4","shape":[4],"data_offsets":[0,2]}}"#, &[0, 0]), None, "json"),
+        (
+            "unknown_dtype.safetensors",
+            st_bytes(r#"{"w":{"dtype":"Q4","shape":[4],"data_offsets":[0,2]}}"#, &[0, 0]),
+            None,
+            "json",
+        ),
     ];
     for (name, bytes, tensor, needle) in cases {
         let p = write(d, name, &bytes);
@@ -154,21 +162,31 @@ fn hostile_peft_inputs_give_errors_naming_file_and_tensor() {
 
     let d = peft_dir(root, "config_rank", CFG, &[(A, &[3, 4], 0.1), (B, &[4, 3], 0.1)]);
     let e = read_peft::<f32>(&d).unwrap_err();
-    assert!(matches!(e, Error::RankMismatch { got: 3, expected: 2, .. }) && e.to_string().contains("adapter_config.json"), "{e}");
+    assert!(
+        matches!(e, Error::RankMismatch { got: 3, expected: 2, .. }) && e.to_string().contains("adapter_config.json"),
+        "{e}"
+    );
     assert_names(&e, &st(&d), Some(A));
 
-    let pattern = r#"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["q_proj"],"rank_pattern":{"q_proj":3}}"#;
+    let pattern =
+        r#"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["q_proj"],"rank_pattern":{"q_proj":3}}"#;
     let d = peft_dir(root, "pattern_rank", pattern, &[(A, &[2, 4], 0.1), (B, &[4, 2], 0.1)]);
     let e = read_peft::<f32>(&d).unwrap_err();
     assert!(e.to_string().contains("rank_pattern"), "{e}");
 
-    let bad_re = r#"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["q_proj"],"alpha_pattern":{"q_proj(":3}}"#;
+    let bad_re =
+        r#"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["q_proj"],"alpha_pattern":{"q_proj(":3}}"#;
     let d = peft_dir(root, "bad_regex", bad_re, &[(A, &[2, 4], 0.1), (B, &[4, 2], 0.1)]);
     let e = read_peft::<f32>(&d).unwrap_err();
     assert!(matches!(e, Error::Config { .. }) && e.to_string().contains("alpha_pattern"), "{e}");
     assert_names(&e, &cfg(&d), None);
 
-    let d = peft_dir(root, "unknown_key", CFG, &[(A, &[2, 4], 0.1), (B, &[4, 2], 0.1), ("base_model.model.x.weight", &[2], 0.0)]);
+    let d = peft_dir(
+        root,
+        "unknown_key",
+        CFG,
+        &[(A, &[2, 4], 0.1), (B, &[4, 2], 0.1), ("base_model.model.x.weight", &[2], 0.0)],
+    );
     let e = read_peft::<f32>(&d).unwrap_err();
     assert!(matches!(e, Error::UnknownTensor { .. }));
     assert_names(&e, &st(&d), Some("base_model.model.x.weight"));
@@ -218,7 +236,10 @@ fn hostile_kohya_inputs_give_errors_naming_file_and_tensor() {
 
     let p = mk("ambiguous.safetensors", &[(down, &[2, 4]), ("lora_te_a_b_c.lora_up.weight", &[4, 2])]);
     let e = read_kohya::<f32>(&p, &modules).unwrap_err();
-    assert!(matches!(e, Error::Ambiguous { .. }) && e.to_string().contains("a.b_c") && e.to_string().contains("a_b.c"), "{e}");
+    assert!(
+        matches!(e, Error::Ambiguous { .. }) && e.to_string().contains("a.b_c") && e.to_string().contains("a_b.c"),
+        "{e}"
+    );
     assert_names(&e, &p, Some(down));
     let e = read_kohya::<f32>(&p, &ModuleResolver::Modules(vec!["x.y".into()])).unwrap_err();
     assert!(e.to_string().contains("matches no module path"), "{e}");
@@ -228,7 +249,11 @@ fn hostile_kohya_inputs_give_errors_naming_file_and_tensor() {
 
     let p = mk(
         "alpha_vector.safetensors",
-        &[("lora_te_x_y.lora_down.weight", &[2, 4]), ("lora_te_x_y.lora_up.weight", &[4, 2]), ("lora_te_x_y.alpha", &[3])],
+        &[
+            ("lora_te_x_y.lora_down.weight", &[2, 4]),
+            ("lora_te_x_y.lora_up.weight", &[4, 2]),
+            ("lora_te_x_y.alpha", &[3]),
+        ],
     );
     let e = read_kohya::<f32>(&p, &ModuleResolver::Modules(vec!["x.y".into()])).unwrap_err();
     assert_names(&e, &p, Some("lora_te_x_y.alpha"));
@@ -341,7 +366,9 @@ fn random_adapter(modules: &[(&str, usize, usize, usize)], alpha: f64, scaling: 
     config.target_modules = TargetModules::List(names);
     a = Adapter::new(config);
     for (i, (name, d_in, d_out, r)) in modules.iter().enumerate() {
-        let layer = LoraLayer::init(*d_in, *d_out, *r, alpha + i as f64, scaling, Init::Random { b_std: 0.3 }, seed + i as u64).unwrap();
+        let layer =
+            LoraLayer::init(*d_in, *d_out, *r, alpha + i as f64, scaling, Init::Random { b_std: 0.3 }, seed + i as u64)
+                .unwrap();
         a.insert(*name, AdapterModule::linear(layer)).unwrap();
     }
     a
@@ -456,5 +483,10 @@ fn dora_and_f64_adapters_round_trip_through_peft() {
     write_peft(&a, tmp.path().join("p"), &PeftWriteOptions { dtype: Some(DType::F64) }).unwrap();
     let b: Adapter<f64> = read_peft(tmp.path().join("p")).unwrap();
     assert_eq!(a.modules(), b.modules());
-    assert!(write_gguf(&a, tmp.path().join("x.gguf"), &GgufOptions::from_hf_config(&serde_json::json!({"model_type":"llama","num_attention_heads":2})).unwrap()).is_err());
+    assert!(write_gguf(
+        &a,
+        tmp.path().join("x.gguf"),
+        &GgufOptions::from_hf_config(&serde_json::json!({"model_type":"llama","num_attention_heads":2})).unwrap()
+    )
+    .is_err());
 }
