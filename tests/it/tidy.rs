@@ -114,3 +114,9 @@ fn no_test_is_ignored_or_expected_to_panic() {
         }
     }
 }
+
+#[test]
+fn changelog_has_an_unreleased_section() {
+    let changelog = std::fs::read_to_string(workspace_root().join("CHANGELOG.md")).expect("CHANGELOG.md");
+    assert!(changelog.lines().any(|l| l.trim() == "## Unreleased"), "CHANGELOG.md needs a `## Unreleased` section");
+}

@@ -1,43 +1,45 @@
 //! `cargo xtask`: the project's automation, in Rust so that it runs wherever cargo does.
 //!
-//! - `cargo xtask ci`: what `.ci/run` checks (format, clippy, tests, docs), to run locally.
+//! - `cargo xtask ci`: what `.ci/run` checks (format, clippy, tests with the tidy rules, docs).
+//! - `cargo xtask release <X.Y.Z | major | minor | patch> [--execute]`: bump, changelog, package,
+//!   build the binary into dist/; publishes and tags only with `--execute`.
+//! - `cargo xtask bench [--compare]`: run the criterion benches and rewrite the generated tables of
+//!   docs/benchmarks.md; `--compare` also runs the Python reference scripts.
 
-use std::process::Command;
+mod bench;
+mod release;
+mod util;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+
+const USAGE: &str = "usage: cargo xtask <task>
+
+tasks:
+  ci                                     format check, clippy, tests (tidy rules included), docs
+  release <X.Y.Z|major|minor|patch>      dry run of a release; add --execute to publish and tag
+          [--execute] [--allow-dirty] [--skip-ci] [--no-verify] [--binary-profile release|dev]
+  bench [--compare] [--python PATH]      criterion benches, tables of docs/benchmarks.md";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = util::workspace_root();
     match args.first().map(String::as_str) {
-        Some("ci") => ci(),
-        Some(other) => bail!("unknown task {other}; tasks: ci"),
-        None => {
-            eprintln!("usage: cargo xtask <task>\n\ntasks:\n  ci    format check, clippy, tests and docs, as .ci/run");
+        Some("ci") => ci(&root),
+        Some("release") => release::run(&root, &args[1..]),
+        Some("bench") => bench::run(&root, &args[1..]),
+        Some("-h" | "--help") | None => {
+            println!("{USAGE}");
             Ok(())
         }
+        Some(other) => bail!("unknown task {other}\n\n{USAGE}"),
     }
 }
 
-/// Run one cargo command in the workspace root, failing on a non-zero exit.
-fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("xtask sits in the workspace root")?;
-    eprintln!("$ cargo {}", args.join(" "));
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(args)
-        .envs(env.iter().copied())
-        .current_dir(root)
-        .status()
-        .with_context(|| format!("cannot run cargo {}", args.join(" ")))?;
-    if !status.success() {
-        bail!("cargo {} failed ({status})", args.join(" "));
-    }
-    Ok(())
-}
-
-fn ci() -> Result<()> {
-    cargo(&["fmt", "--all", "--", "--check"], &[])?;
-    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &[])?;
-    cargo(&["test", "--workspace"], &[])?;
-    cargo(&["doc", "--workspace", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings")])?;
+/// The checks of `.ci/run`, without the system set-up.
+pub(crate) fn ci(root: &std::path::Path) -> Result<()> {
+    util::cargo(root, &["fmt", "--all", "--", "--check"], &[])?;
+    util::cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &[])?;
+    util::cargo(root, &["test", "--workspace"], &[])?;
+    util::cargo(root, &["doc", "--workspace", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings")])?;
     Ok(())
 }

@@ -250,11 +250,15 @@ impl<T: Scalar> LoraLayer<T> {
     pub fn forward(&self, x: &ArrayRef2<T>, w: &ArrayRef2<T>, layout: WeightLayout) -> Result<Array2<T>> {
         self.check_input(x)?;
         self.check_weight(w, layout)?;
-        let mut y = match layout {
-            WeightLayout::OutIn => x.dot(&w.t()),
-            WeightLayout::InOut => x.dot(w),
-        };
+        // The small LoRA product first, then the base product accumulates into it (beta = 1):
+        // y is written once by the k = r product and updated in place by the large GEMM, instead
+        // of a second pass over y after it.
+        let mut y = Array2::zeros((x.nrows(), self.d_out()));
         self.add_branch(x, &mut y);
+        match layout {
+            WeightLayout::OutIn => general_mat_mul(T::one(), x, &w.t(), T::one(), &mut y),
+            WeightLayout::InOut => general_mat_mul(T::one(), x, w, T::one(), &mut y),
+        }
         Ok(y)
     }
 
