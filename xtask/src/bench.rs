@@ -45,6 +45,7 @@ const BENCHES: &[BenchSpec] = &[
         features: &[],
         groups: &["forward_matrixmultiply"],
     },
+    BenchSpec { block: "io", package: "lora-io", bench: "io", features: &[], groups: &["model", "adapter"] },
 ];
 
 const COMPARES: &[CompareSpec] = &[CompareSpec {
