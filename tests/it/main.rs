@@ -1,3 +1,4 @@
 //! The one integration-test binary of the workspace: cross-crate tests and the tidy rules.
 
 mod tidy;
+mod train_model;
