@@ -284,8 +284,10 @@ mod tests {
             (r#""model_type": "gpt2""#, "model_type"),
             (r#""attention_dropout": 0.1"#, "attention_dropout"),
         ] {
-            // serde keeps the last duplicate key, so the extra one must come after
-            let text = LLAMA.replacen('}', &format!(",{extra}}}"), 1);
+            let mut value: Value = serde_json::from_str(LLAMA).unwrap();
+            let extra: Value = serde_json::from_str(&format!("{{{extra}}}")).unwrap();
+            value.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            let text = value.to_string();
             let err = ModelConfig::from_json(&text, "dir/config.json").unwrap_err().to_string();
             assert!(err.starts_with("dir/config.json: unsupported") && err.contains(needle), "{err}");
         }
