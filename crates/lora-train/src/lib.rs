@@ -31,8 +31,9 @@
 //! )?;
 //! // Weights from anywhere that implements TensorSource; here, made up in memory.
 //! let mut weights = MemorySource::new();
+//! let mut k = 0;
 //! let mut put = |name: &str, shape: &[usize]| {
-//!     let t = Array::from_shape_fn(shape, |i| ((i.slice().iter().sum::<usize>() % 7) as f64 - 3.0) / 10.0);
+//!     let t = Array::from_shape_simple_fn(shape, || { k += 1; ((k * 7 % 11) as f64 - 5.0) / 10.0 });
 //!     weights.insert(name, t, DType::F32);
 //! };
 //! put("model.embed_tokens.weight", &[10, 8]);

@@ -3,9 +3,11 @@
 
 use lora_core::{LoraLayer, Scalar, Scaling};
 use ndarray::linalg::general_mat_mul;
-use ndarray::{Array1, Array2, Zip};
+use ndarray::{s, Array1, Array2, Zip};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+use crate::parallel::{gemm, Par};
 
 /// The trainable factors of one LoRA branch.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,8 +74,9 @@ impl<T: Scalar> Linear<T> {
     }
 
     /// The forward pass. `dropout_seed` is given in training: the LoRA dropout mask is drawn
-    /// from it (so a recomputation draws the same mask).
-    pub(crate) fn forward(&self, x: &Array2<T>, dropout_seed: Option<u64>) -> (Array2<T>, LinearCache<T>) {
+    /// from it (so a recomputation draws the same mask). The small LoRA product is computed
+    /// first and the base product accumulates into it, so B = 0 adds exactly nothing.
+    pub(crate) fn forward(&self, x: &Array2<T>, dropout_seed: Option<u64>, par: &Par) -> (Array2<T>, LinearCache<T>) {
         let mut y = match &self.bias {
             Some(bias) => bias.broadcast((x.nrows(), self.d_out())).expect("bias length checked on load").to_owned(),
             None => Array2::zeros((x.nrows(), self.d_out())),
@@ -84,14 +87,21 @@ impl<T: Scalar> Linear<T> {
                 Some(seed) if lora.dropout > 0.0 => Some(dropout_mask(x.raw_dim(), lora.dropout, seed)),
                 _ => None,
             };
-            let xa = match &mask {
-                Some(m) => (x * m).dot(&lora.a.t()),
-                None => x.dot(&lora.a.t()),
-            };
-            general_mat_mul(lora.scale(), &xa, &lora.b.t(), T::one(), &mut y);
+            let mut xa = Array2::zeros((x.nrows(), lora.a.nrows()));
+            match &mask {
+                Some(m) => gemm(par, T::one(), &(x * m), &lora.a.t(), T::zero(), &mut xa),
+                None => gemm(par, T::one(), x, &lora.a.t(), T::zero(), &mut xa),
+            }
             cache = LinearCache { mask, xa: Some(xa) };
         }
-        general_mat_mul(T::one(), x, &self.weight.t(), T::one(), &mut y);
+        let (xa, lora) = (cache.xa.as_ref(), self.lora.as_ref());
+        par.row_chunks(&mut y, |first, mut chunk| {
+            let rows = first..first + chunk.nrows();
+            if let (Some(xa), Some(lora)) = (xa, lora) {
+                general_mat_mul(lora.scale(), &xa.slice(s![rows.clone(), ..]), &lora.b.t(), T::one(), &mut chunk);
+            }
+            general_mat_mul(T::one(), &x.slice(s![rows, ..]), &self.weight.t(), T::one(), &mut chunk);
+        });
         (y, cache)
     }
 
@@ -104,27 +114,36 @@ impl<T: Scalar> Linear<T> {
         cache: &LinearCache<T>,
         dx: &mut Array2<T>,
         accumulate: bool,
+        par: &Par,
     ) -> Option<LoraGrad<T>> {
         let beta = if accumulate { T::one() } else { T::zero() };
-        general_mat_mul(T::one(), dy, &self.weight, beta, dx);
-        let lora = self.lora.as_ref()?;
-        let xa = cache.xa.as_ref().expect("the forward pass keeps x Aᵀ when there is a LoRA branch");
+        let Some(lora) = self.lora.as_ref() else {
+            gemm(par, T::one(), dy, &self.weight, beta, dx);
+            return None;
+        };
         let s = lora.scale();
+        let mut gb = Array2::zeros((dy.nrows(), lora.b.ncols())); // dy B, (n, r)
+        gemm(par, T::one(), dy, &lora.b, T::zero(), &mut gb);
+        par.row_chunks(dx, |first, mut chunk| {
+            let rows = first..first + chunk.nrows();
+            general_mat_mul(T::one(), &dy.slice(s![rows.clone(), ..]), &self.weight, beta, &mut chunk);
+            let gb = gb.slice(s![rows.clone(), ..]);
+            match &cache.mask {
+                None => general_mat_mul(s, &gb, &lora.a, T::one(), &mut chunk),
+                Some(mask) => {
+                    let mut branch = gb.dot(&lora.a);
+                    Zip::from(&mut branch).and(mask.slice(s![rows, ..])).for_each(|v, &m| *v = *v * m * s);
+                    chunk += &branch;
+                }
+            }
+        });
+        let xa = cache.xa.as_ref().expect("the forward pass keeps x Aᵀ when there is a LoRA branch");
         let mut db = Array2::zeros(lora.b.raw_dim());
         general_mat_mul(s, &dy.t(), xa, T::zero(), &mut db);
-        let gb = dy.dot(&lora.b); // (n, r)
         let mut da = Array2::zeros(lora.a.raw_dim());
         match &cache.mask {
-            None => {
-                general_mat_mul(s, &gb.t(), x, T::zero(), &mut da);
-                general_mat_mul(s, &gb, &lora.a, T::one(), dx);
-            }
-            Some(mask) => {
-                general_mat_mul(s, &gb.t(), &(x * mask), T::zero(), &mut da);
-                let mut branch = gb.dot(&lora.a);
-                Zip::from(&mut branch).and(mask).for_each(|v, &m| *v = *v * m * s);
-                *dx += &branch;
-            }
+            None => general_mat_mul(s, &gb.t(), x, T::zero(), &mut da),
+            Some(mask) => general_mat_mul(s, &gb.t(), &(x * mask), T::zero(), &mut da),
         }
         Some(LoraGrad { a: da, b: db })
     }

@@ -3,14 +3,13 @@
 
 use indexmap::IndexMap;
 use lora_core::{Scalar, TensorSource};
-use ndarray::linalg::general_mat_mul;
 use ndarray::{Array1, Array2, Array3, ArrayD, ArrayView1, ArrayViewMut2, Axis, Ix1, Ix2};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::linear::{Linear, LinearCache, LoraGrad};
 use crate::ops::{self, AttnDims, Rope};
-use crate::parallel::{Par, Parallelism};
+use crate::parallel::{gemm, Par, Parallelism};
 
 /// Labels equal to this value do not count in the loss (PyTorch's and transformers' -100).
 pub const IGNORE_INDEX: i64 = -100;
@@ -216,21 +215,21 @@ impl<T: Scalar> Block<T> {
 
     fn forward(&self, h: &Array2<T>, layer: usize, ctx: &Ctx<'_, T>, keep_cache: bool) -> (Array2<T>, Option<BlockCache<T>>) {
         let seed = |p: Proj| ctx.dropout_seed.map(|s| mix(s, layer, p));
-        let (x1, rstd1) = ops::rms_norm(h, &self.input_norm, ctx.eps);
-        let (mut q, cq) = self.lin(Proj::Q).forward(&x1, seed(Proj::Q));
-        let (mut k, ck) = self.lin(Proj::K).forward(&x1, seed(Proj::K));
-        let (v, cv) = self.lin(Proj::V).forward(&x1, seed(Proj::V));
+        let (x1, rstd1) = ops::rms_norm(h, &self.input_norm, ctx.eps, ctx.par);
+        let (mut q, cq) = self.lin(Proj::Q).forward(&x1, seed(Proj::Q), ctx.par);
+        let (mut k, ck) = self.lin(Proj::K).forward(&x1, seed(Proj::K), ctx.par);
+        let (v, cv) = self.lin(Proj::V).forward(&x1, seed(Proj::V), ctx.par);
         ctx.rope.apply(&mut q, ctx.dims.seq, ctx.dims.head_dim, false);
         ctx.rope.apply(&mut k, ctx.dims.seq, ctx.dims.head_dim, false);
         let (o, probs) = ops::attention(&q, &k, &v, ctx.dims, ctx.keep, ctx.par);
-        let (attn, co) = self.lin(Proj::O).forward(&o, seed(Proj::O));
+        let (attn, co) = self.lin(Proj::O).forward(&o, seed(Proj::O), ctx.par);
         let h2 = h + &attn;
         drop(attn);
-        let (x2, rstd2) = ops::rms_norm(&h2, &self.post_norm, ctx.eps);
-        let (g, cg) = self.lin(Proj::Gate).forward(&x2, seed(Proj::Gate));
-        let (u, cu) = self.lin(Proj::Up).forward(&x2, seed(Proj::Up));
-        let act = ops::swiglu(&g, &u);
-        let (mlp, cd) = self.lin(Proj::Down).forward(&act, seed(Proj::Down));
+        let (x2, rstd2) = ops::rms_norm(&h2, &self.post_norm, ctx.eps, ctx.par);
+        let (g, cg) = self.lin(Proj::Gate).forward(&x2, seed(Proj::Gate), ctx.par);
+        let (u, cu) = self.lin(Proj::Up).forward(&x2, seed(Proj::Up), ctx.par);
+        let act = ops::swiglu(&g, &u, ctx.par);
+        let (mlp, cd) = self.lin(Proj::Down).forward(&act, seed(Proj::Down), ctx.par);
         let out = &h2 + &mlp;
         let cache = keep_cache.then(|| BlockCache {
             x1,
@@ -264,25 +263,25 @@ impl<T: Scalar> Block<T> {
         let n = h.nrows();
         // MLP: out = h2 + down(silu(gate(x2)) * up(x2)), x2 = norm(h2)
         let mut dact = Array2::zeros(c.act.raw_dim());
-        grads[Proj::Down as usize] = self.lin(Proj::Down).backward(dh, &c.act, &c.lin[Proj::Down as usize], &mut dact, false);
-        let (dg, du) = ops::swiglu_backward(&dact, &c.g, &c.u);
+        grads[Proj::Down as usize] = self.lin(Proj::Down).backward(dh, &c.act, &c.lin[Proj::Down as usize], &mut dact, false, ctx.par);
+        let (dg, du) = ops::swiglu_backward(&dact, &c.g, &c.u, ctx.par);
         drop(dact);
         let mut dx2 = Array2::zeros((n, h.ncols()));
-        grads[Proj::Gate as usize] = self.lin(Proj::Gate).backward(&dg, &c.x2, &c.lin[Proj::Gate as usize], &mut dx2, false);
-        grads[Proj::Up as usize] = self.lin(Proj::Up).backward(&du, &c.x2, &c.lin[Proj::Up as usize], &mut dx2, true);
-        let mut dh2 = ops::rms_norm_backward(&dx2, &c.h2, &self.post_norm, &c.rstd2);
+        grads[Proj::Gate as usize] = self.lin(Proj::Gate).backward(&dg, &c.x2, &c.lin[Proj::Gate as usize], &mut dx2, false, ctx.par);
+        grads[Proj::Up as usize] = self.lin(Proj::Up).backward(&du, &c.x2, &c.lin[Proj::Up as usize], &mut dx2, true, ctx.par);
+        let mut dh2 = ops::rms_norm_backward(&dx2, &c.h2, &self.post_norm, &c.rstd2, ctx.par);
         dh2 += dh;
         // attention: h2 = h + o_proj(attn(rope(q(x1)), rope(k(x1)), v(x1))), x1 = norm(h)
         let mut d_o = Array2::zeros(c.o.raw_dim());
-        grads[Proj::O as usize] = self.lin(Proj::O).backward(&dh2, &c.o, &c.lin[Proj::O as usize], &mut d_o, false);
+        grads[Proj::O as usize] = self.lin(Proj::O).backward(&dh2, &c.o, &c.lin[Proj::O as usize], &mut d_o, false, ctx.par);
         let (mut dq, mut dk, dv) = ops::attention_backward(&d_o, &c.q, &c.k, &c.v, &c.probs, ctx.dims, ctx.keep, ctx.par);
         ctx.rope.apply(&mut dq, ctx.dims.seq, ctx.dims.head_dim, true);
         ctx.rope.apply(&mut dk, ctx.dims.seq, ctx.dims.head_dim, true);
         let mut dx1 = Array2::zeros((n, h.ncols()));
-        grads[Proj::Q as usize] = self.lin(Proj::Q).backward(&dq, &c.x1, &c.lin[Proj::Q as usize], &mut dx1, false);
-        grads[Proj::K as usize] = self.lin(Proj::K).backward(&dk, &c.x1, &c.lin[Proj::K as usize], &mut dx1, true);
-        grads[Proj::V as usize] = self.lin(Proj::V).backward(&dv, &c.x1, &c.lin[Proj::V as usize], &mut dx1, true);
-        let mut dh_in = ops::rms_norm_backward(&dx1, h, &self.input_norm, &c.rstd1);
+        grads[Proj::Q as usize] = self.lin(Proj::Q).backward(&dq, &c.x1, &c.lin[Proj::Q as usize], &mut dx1, false, ctx.par);
+        grads[Proj::K as usize] = self.lin(Proj::K).backward(&dk, &c.x1, &c.lin[Proj::K as usize], &mut dx1, true, ctx.par);
+        grads[Proj::V as usize] = self.lin(Proj::V).backward(&dv, &c.x1, &c.lin[Proj::V as usize], &mut dx1, true, ctx.par);
+        let mut dh_in = ops::rms_norm_backward(&dx1, h, &self.input_norm, &c.rstd1, ctx.par);
         dh_in += &dh2;
         dh_in
     }
@@ -430,9 +429,9 @@ impl<T: Scalar> Model<T> {
 
     /// Final norm and output head: logits (rows, vocab) and what their backward pass needs.
     fn head(&self, h: &Array2<T>) -> (Array2<T>, Array2<T>, Array1<T>) {
-        let (xf, rstd) = ops::rms_norm(h, &self.norm, self.config.rms_norm_eps);
+        let (xf, rstd) = ops::rms_norm(h, &self.norm, self.config.rms_norm_eps, &self.par);
         let mut logits = Array2::zeros((h.nrows(), self.config.vocab_size));
-        general_mat_mul(T::one(), &xf, &self.lm_head().t(), T::zero(), &mut logits);
+        gemm(&self.par, T::one(), &xf, &self.lm_head().t(), T::zero(), &mut logits);
         (logits, xf, rstd)
     }
 
@@ -490,9 +489,10 @@ impl<T: Scalar> Model<T> {
             let (mut logits, xf, rstd) = self.head(&h);
             drop(xf);
             let loss = self.cross_entropy(&mut logits, batch, Some(T::from_f64(1.0 / count as f64)));
-            let dxf = logits.dot(self.lm_head());
+            let mut dxf = Array2::zeros(h.raw_dim());
+            gemm(&self.par, T::one(), &logits, self.lm_head(), T::zero(), &mut dxf);
             drop(logits);
-            let mut dh = ops::rms_norm_backward(&dxf, &h, &self.norm, &rstd);
+            let mut dh = ops::rms_norm_backward(&dxf, &h, &self.norm, &rstd, &self.par);
             let mut grads = IndexMap::new();
             let mut layer_grads: Vec<Vec<Option<LoraGrad<T>>>> = Vec::with_capacity(self.blocks.len());
             for (l, block) in self.blocks.iter().enumerate().rev() {

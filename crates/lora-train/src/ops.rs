@@ -9,28 +9,40 @@ use ndarray::{s, Array1, Array2, ArrayView2, Axis, Zip};
 use crate::parallel::Par;
 
 /// y = w ⊙ x / sqrt(mean(x²) + eps) per row; also returns 1 / sqrt(mean(x²) + eps) per row.
-pub(crate) fn rms_norm<T: Scalar>(x: &Array2<T>, w: &Array1<T>, eps: f64) -> (Array2<T>, Array1<T>) {
+pub(crate) fn rms_norm<T: Scalar>(x: &Array2<T>, w: &Array1<T>, eps: f64, par: &Par) -> (Array2<T>, Array1<T>) {
     let h = T::from_f64(x.ncols() as f64);
     let eps = T::from_f64(eps);
+    let rstd = x.rows().into_iter().map(|x| T::one() / (x.iter().fold(T::zero(), |acc, &v| acc + v * v) / h + eps).sqrt());
+    let rstd: Array1<T> = rstd.collect();
     let mut y = Array2::zeros(x.raw_dim());
-    let mut rstd = Array1::zeros(x.nrows());
-    Zip::from(y.rows_mut()).and(x.rows()).and(&mut rstd).for_each(|mut y, x, r| {
-        let ms = x.iter().fold(T::zero(), |acc, &v| acc + v * v) / h;
-        *r = T::one() / (ms + eps).sqrt();
-        Zip::from(&mut y).and(&x).and(w).for_each(|y, &x, &w| *y = w * (x * *r));
+    par.row_chunks(&mut y, |first, mut chunk| {
+        let rows = first..first + chunk.nrows();
+        Zip::from(chunk.rows_mut()).and(x.slice(s![rows.clone(), ..]).rows()).and(rstd.slice(s![rows])).for_each(
+            |mut y, x, &r| Zip::from(&mut y).and(&x).and(w).for_each(|y, &x, &w| *y = w * (x * r)),
+        );
     });
     (y, rstd)
 }
 
 /// Backward of [`rms_norm`]: with g = dy ⊙ w, dx = r g - x r³ mean(g ⊙ x).
-pub(crate) fn rms_norm_backward<T: Scalar>(dy: &Array2<T>, x: &Array2<T>, w: &Array1<T>, rstd: &Array1<T>) -> Array2<T> {
+pub(crate) fn rms_norm_backward<T: Scalar>(
+    dy: &Array2<T>,
+    x: &Array2<T>,
+    w: &Array1<T>,
+    rstd: &Array1<T>,
+    par: &Par,
+) -> Array2<T> {
     let h = T::from_f64(x.ncols() as f64);
     let mut dx = Array2::zeros(x.raw_dim());
-    Zip::from(dx.rows_mut()).and(dy.rows()).and(x.rows()).and(rstd).for_each(|mut dx, dy, x, &r| {
-        let mut dot = T::zero();
-        Zip::from(&dy).and(&x).and(w).for_each(|&dy, &x, &w| dot += dy * w * x);
-        let c = r * r * r * dot / h;
-        Zip::from(&mut dx).and(&dy).and(&x).and(w).for_each(|dx, &dy, &x, &w| *dx = r * dy * w - x * c);
+    par.row_chunks(&mut dx, |first, mut chunk| {
+        let rows = first..first + chunk.nrows();
+        let (dy, x, rstd) = (dy.slice(s![rows.clone(), ..]), x.slice(s![rows.clone(), ..]), rstd.slice(s![rows]));
+        Zip::from(chunk.rows_mut()).and(dy.rows()).and(x.rows()).and(&rstd).for_each(|mut dx, dy, x, &r| {
+            let mut dot = T::zero();
+            Zip::from(&dy).and(&x).and(w).for_each(|&dy, &x, &w| dot += dy * w * x);
+            let c = r * r * r * dot / h;
+            Zip::from(&mut dx).and(&dy).and(&x).and(w).for_each(|dx, &dy, &x, &w| *dx = r * dy * w - x * c);
+        });
     });
     dx
 }
@@ -84,14 +96,29 @@ fn silu_grad<T: Scalar>(x: T) -> T {
 }
 
 /// act = silu(g) ⊙ u.
-pub(crate) fn swiglu<T: Scalar>(g: &Array2<T>, u: &Array2<T>) -> Array2<T> {
-    Zip::from(g).and(u).map_collect(|&g, &u| silu(g) * u)
+pub(crate) fn swiglu<T: Scalar>(g: &Array2<T>, u: &Array2<T>, par: &Par) -> Array2<T> {
+    let mut act = Array2::zeros(g.raw_dim());
+    par.row_chunks(&mut act, |first, mut chunk| {
+        let rows = s![first..first + chunk.nrows(), ..];
+        Zip::from(&mut chunk).and(g.slice(rows)).and(u.slice(rows)).for_each(|a, &g, &u| *a = silu(g) * u);
+    });
+    act
 }
 
 /// Backward of [`swiglu`]: (dg, du).
-pub(crate) fn swiglu_backward<T: Scalar>(da: &Array2<T>, g: &Array2<T>, u: &Array2<T>) -> (Array2<T>, Array2<T>) {
-    let dg = Zip::from(da).and(g).and(u).map_collect(|&da, &g, &u| da * u * silu_grad(g));
-    let du = Zip::from(da).and(g).map_collect(|&da, &g| da * silu(g));
+pub(crate) fn swiglu_backward<T: Scalar>(da: &Array2<T>, g: &Array2<T>, u: &Array2<T>, par: &Par) -> (Array2<T>, Array2<T>) {
+    let mut dg = Array2::zeros(g.raw_dim());
+    par.row_chunks(&mut dg, |first, mut chunk| {
+        let rows = s![first..first + chunk.nrows(), ..];
+        Zip::from(&mut chunk).and(da.slice(rows)).and(g.slice(rows)).and(u.slice(rows)).for_each(|dg, &da, &g, &u| {
+            *dg = da * u * silu_grad(g);
+        });
+    });
+    let mut du = Array2::zeros(g.raw_dim());
+    par.row_chunks(&mut du, |first, mut chunk| {
+        let rows = s![first..first + chunk.nrows(), ..];
+        Zip::from(&mut chunk).and(da.slice(rows)).and(g.slice(rows)).for_each(|du, &da, &g| *du = da * silu(g));
+    });
     (dg, du)
 }
 
@@ -242,13 +269,21 @@ pub(crate) fn cross_entropy_rows<T: Scalar>(
         }
         let label = label as usize;
         let max = row.iter().copied().fold(T::neg_infinity(), T::max);
-        let sum_exp: f64 = row.iter().map(|&v| (v - max).as_f64().exp()).sum();
-        let lse = max.as_f64() + sum_exp.ln();
-        sum += lse - row[label].as_f64();
+        let target = row[label];
+        // one exp per logit, in T (vectorisable); the sum of the exponentials in f64
+        let sum_exp = match grad {
+            Some(_) => {
+                row.mapv_inplace(|v| (v - max).exp());
+                row.iter().map(|e| e.as_f64()).sum::<f64>()
+            }
+            None => row.iter().map(|&v| (v - max).exp().as_f64()).sum::<f64>(),
+        };
+        sum += max.as_f64() + sum_exp.ln() - target.as_f64();
         count += 1;
         if let Some(scale) = grad {
-            let (max, lse_t) = (max, T::from_f64(sum_exp.ln()));
-            row.mapv_inplace(|v| (v - max - lse_t).exp() * scale);
+            // d/dlogit = softmax - onehot, times the 1 / count of the mean
+            let factor = T::from_f64(scale.as_f64() / sum_exp);
+            row *= factor;
             row[label] -= scale;
         }
     }

@@ -3,6 +3,9 @@
 
 use std::sync::Arc;
 
+use lora_core::Scalar;
+use ndarray::linalg::general_mat_mul;
+use ndarray::{s, Array2, ArrayRef2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -67,4 +70,36 @@ impl Par {
             None => items.into_iter().map(f).collect(),
         }
     }
+
+    /// `f(first_row, chunk)` on consecutive chunks of [`ROW_CHUNK`] rows of `out`, in parallel
+    /// when there is a pool. The chunks are the same whatever the thread count, so results are
+    /// too.
+    pub(crate) fn row_chunks<T: Send + Sync>(
+        &self,
+        out: &mut Array2<T>,
+        f: impl Fn(usize, ArrayViewMut2<'_, T>) + Sync + Send,
+    ) {
+        let chunks: Vec<_> = out.axis_chunks_iter_mut(Axis(0), ROW_CHUNK).enumerate().collect();
+        self.map_vec(chunks, |(i, chunk)| f(i * ROW_CHUNK, chunk));
+    }
+}
+
+/// Rows per piece of work in [`Par::row_chunks`]: large enough for an efficient matrix product,
+/// small enough to share 2048 rows among a few threads.
+pub(crate) const ROW_CHUNK: usize = 128;
+
+/// c = alpha a b + beta c, with a's and c's rows split into
+/// [`ROW_CHUNK`] pieces computed in parallel (each piece a single-threaded-size GEMM).
+pub(crate) fn gemm<T: Scalar>(
+    par: &Par,
+    alpha: T,
+    a: &ArrayRef2<T>,
+    b: &ArrayRef2<T>,
+    beta: T,
+    c: &mut Array2<T>,
+) {
+    par.row_chunks(c, |first, mut chunk| {
+        let rows = first..first + chunk.nrows();
+        general_mat_mul(alpha, &a.slice(s![rows, ..]), b, beta, &mut chunk);
+    });
 }
