@@ -74,7 +74,7 @@ pub use config::{Architecture, ModelConfig};
 pub use error::{Error, Result};
 pub use linear::LoraGrad;
 pub use lora::{LoraConfig, LoraParamsMut};
-pub use model::{Batch, Loss, LoraGrads, Model, Proj, StepOptions, IGNORE_INDEX};
+pub use model::{Batch, LoraGrads, Loss, Model, Proj, StepOptions, IGNORE_INDEX};
 pub use parallel::Parallelism;
 
 #[cfg(test)]
