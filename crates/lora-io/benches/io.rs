@@ -1,0 +1,2 @@
+//! Placeholder bench target (filled below).
+fn main() {}
