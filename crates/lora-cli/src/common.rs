@@ -13,7 +13,7 @@ use lora_svd::{Criterion, RankRule};
 
 /// One rank rule (exactly one of the five) with its floor and cap, as `extract` and `resize` take.
 #[derive(Debug, Clone, Args)]
-#[group(id = "rule", required = true, multiple = false, args = ["rank", "energy", "sv_ratio", "sv_epsilon", "sv_cumulative"])]
+#[group(skip)]
 pub struct RankArgs {
     /// Keep exactly N singular values.
     #[arg(long, value_name = "N")]
@@ -43,6 +43,16 @@ pub struct RankArgs {
 impl RankArgs {
     /// The rule these flags describe.
     pub fn rule(&self) -> Result<RankRule> {
+        let given = [
+            self.rank.is_some(),
+            self.energy.is_some(),
+            self.sv_ratio.is_some(),
+            self.sv_epsilon.is_some(),
+            self.sv_cumulative.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() > 1 {
+            bail!("give one rank rule, not several: --rank, --energy, --sv-ratio, --sv-epsilon or --sv-cumulative");
+        }
         let criterion = match (self.rank, self.energy, self.sv_ratio, self.sv_epsilon, self.sv_cumulative) {
             (Some(n), ..) => Criterion::Fixed(n),
             (_, Some(f), ..) => Criterion::Energy(f),
