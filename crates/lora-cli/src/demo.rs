@@ -1,110 +1,365 @@
 //! `lora demo`: the toolkit's main job on a small seeded model, with no input files.
 //!
-//! For now it exercises lora-core: a seeded stack of Llama-shaped projections gets a LoRA, the
-//! unmerged forward is checked against the merged weight, the merge is undone, and the parameter
-//! savings are printed. Later issues add extraction, resizing, conversion and training.
+//! It builds a Llama-shaped base model and a "fine-tuned" variant whose weight differences have
+//! the decaying spectrum real fine-tunes show, then runs the real commands on them: extract a
+//! rank-16 adapter, resize it to rank 8, merge it back into the base, convert it to kohya and
+//! GGUF and read those back. Each step is checked (the merge must reproduce the tuned weights to
+//! the extraction's error, the conversions must keep every delta) and timed.
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use clap::Args;
-use lora_core::{Init, LoraLayer, ParamCount, Scaling, WeightLayout};
-use ndarray::Array2;
+use lora_core::{deltas, DType, TensorSource};
+use ndarray::{Array1, Array2, ArrayD, Axis};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde_json::json;
+
+use crate::common::{write_output, FormatArg, RankArgs};
 
 /// Options of `lora demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
+    /// Folder for the files the demo writes (default: lora-demo in the system's temp folder).
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Hidden size of the demo model.
     #[arg(long, default_value_t = 256)]
     hidden: usize,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
+    /// Decoder layers of the demo model.
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    /// Rank of the extracted adapter.
+    #[arg(long, default_value_t = 16)]
     rank: usize,
     /// Seed of every random draw.
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
 
-/// The projections of one Llama decoder layer: name, d_in, d_out as multiples of the hidden size
-/// (the MLP is 8/3 wider, rounded as Llama rounds it).
-fn llama_projections(hidden: usize) -> Vec<(&'static str, usize, usize)> {
-    let inter = (8 * hidden / 3).div_ceil(64) * 64;
-    vec![
-        ("self_attn.q_proj", hidden, hidden),
-        ("self_attn.k_proj", hidden, hidden),
-        ("self_attn.v_proj", hidden, hidden),
-        ("self_attn.o_proj", hidden, hidden),
-        ("mlp.gate_proj", hidden, inter),
-        ("mlp.up_proj", hidden, inter),
-        ("mlp.down_proj", inter, hidden),
-    ]
+const PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// The demo model's shapes.
+struct Shape {
+    hidden: usize,
+    intermediate: usize,
+    layers: usize,
+    vocab: usize,
+    heads: usize,
 }
 
-fn max_abs_diff(a: &Array2<f32>, b: &Array2<f32>) -> f32 {
-    a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+impl Shape {
+    fn new(hidden: usize, layers: usize) -> Self {
+        // Llama's MLP width: 8/3 of the hidden size, rounded up to a multiple of 16.
+        let intermediate = (8 * hidden / 3).div_ceil(16) * 16;
+        Shape { hidden, intermediate, layers, vocab: 1024, heads: (hidden / 64).max(1) }
+    }
+
+    fn projection(&self, name: &str) -> (usize, usize) {
+        let (h, i) = (self.hidden, self.intermediate);
+        match name {
+            "mlp.gate_proj" | "mlp.up_proj" => (i, h),
+            "mlp.down_proj" => (h, i),
+            _ => (h, h),
+        }
+    }
+
+    fn config(&self) -> serde_json::Value {
+        json!({
+            "_name_or_path": "lora-demo/tiny-llama",
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.heads,
+            "head_dim": self.hidden / self.heads,
+            "vocab_size": self.vocab,
+            "max_position_embeddings": 512,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "hidden_act": "silu",
+            "tie_word_embeddings": false,
+            "attention_bias": false,
+            "mlp_bias": false,
+            "torch_dtype": "float32",
+        })
+    }
+}
+
+fn gaussian(rows: usize, cols: usize, std: f64, rng: &mut ChaCha8Rng) -> Array2<f32> {
+    Array2::from_shape_simple_fn((rows, cols), || {
+        let z: f64 = StandardNormal.sample(rng);
+        (std * z) as f32
+    })
+}
+
+/// A fine-tune-like difference: sigma_i = 0.5 / i on random directions, plus a little noise.
+fn finetune_delta(d_out: usize, d_in: usize, rng: &mut ChaCha8Rng) -> Array2<f32> {
+    let k = 48.min(d_out).min(d_in);
+    let u = gaussian(d_out, k, 1.0 / (d_out as f64).sqrt(), rng);
+    let v = gaussian(k, d_in, 1.0 / (d_in as f64).sqrt(), rng);
+    let sigma = Array1::from_shape_fn(k, |i| 0.5 / (i + 1) as f32);
+    let mut delta = (&u * &sigma.insert_axis(Axis(0))).dot(&v);
+    delta += &gaussian(d_out, d_in, 2e-5, rng);
+    delta
+}
+
+/// Base and tuned tensors of the demo model, in file order.
+fn build_models(shape: &Shape, seed: u64) -> (Vec<(String, ArrayD<f32>)>, Vec<(String, ArrayD<f32>)>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (mut base, mut tuned) = (Vec::new(), Vec::new());
+    let mut push = |name: String, w: Array2<f32>, delta: Option<Array2<f32>>| {
+        let t = match &delta {
+            Some(d) => &w + d,
+            None => w.clone(),
+        };
+        base.push((name.clone(), w.into_dyn()));
+        tuned.push((name, t.into_dyn()));
+    };
+    push("model.embed_tokens.weight".into(), gaussian(shape.vocab, shape.hidden, 0.02, &mut rng), None);
+    for layer in 0..shape.layers {
+        for proj in PROJECTIONS {
+            let (d_out, d_in) = shape.projection(proj);
+            let w = gaussian(d_out, d_in, 1.0 / (d_in as f64).sqrt(), &mut rng);
+            let delta = finetune_delta(d_out, d_in, &mut rng);
+            push(format!("model.layers.{layer}.{proj}.weight"), w, Some(delta));
+        }
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            let ones = Array2::ones((1, shape.hidden));
+            push(format!("model.layers.{layer}.{norm}.weight"), ones, None);
+        }
+    }
+    push("model.norm.weight".into(), Array2::ones((1, shape.hidden)), None);
+    push("lm_head.weight".into(), gaussian(shape.vocab, shape.hidden, 0.02, &mut rng), None);
+    // norms are vectors: drop the helper axis
+    let squeeze = |v: &mut Vec<(String, ArrayD<f32>)>| {
+        for (name, t) in v.iter_mut() {
+            if name.ends_with("norm.weight") {
+                *t = t.clone().into_shape_with_order(shape.hidden).expect("one row").into_dyn();
+            }
+        }
+    };
+    squeeze(&mut base);
+    squeeze(&mut tuned);
+    (base, tuned)
+}
+
+fn write_model_folder(dir: &Path, config: &serde_json::Value, tensors: &[(String, ArrayD<f32>)]) -> Result<()> {
+    write_output(dir, true, |staged| {
+        std::fs::create_dir_all(staged)?;
+        std::fs::write(staged.join("config.json"), serde_json::to_vec_pretty(config)?)?;
+        let metadata = [("format".to_string(), "pt".to_string())].into();
+        lora_io::write_safetensors(staged.join(lora_io::SINGLE_FILE), tensors, DType::F32, &metadata)?;
+        Ok(())
+    })
+}
+
+fn rank_args(rank: usize) -> RankArgs {
+    RankArgs {
+        rank: Some(rank),
+        energy: None,
+        sv_ratio: None,
+        sv_epsilon: None,
+        sv_cumulative: None,
+        max_rank: None,
+        min_rank: 1,
+    }
+}
+
+/// ||a - b||_F / ||b||_F over the tensors both name, in f64.
+fn relative_difference(a: &dyn TensorSource, b: &dyn TensorSource, names: &[String]) -> Result<f64> {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for name in names {
+        let (x, y) = (a.read_f32(name)?, b.read_f32(name)?);
+        for (p, q) in x.iter().zip(y.iter()) {
+            num += f64::from(p - q).powi(2);
+            den += f64::from(*q).powi(2);
+        }
+    }
+    Ok((num / den.max(f64::MIN_POSITIVE)).sqrt())
+}
+
+/// Largest |delta_a - delta_b| over every module of two adapters that must hold the same deltas.
+fn max_delta_difference(a: &Path, b: &Path, base: &crate::source::Model) -> Result<f32> {
+    let (da, db) = (deltas(&crate::adapters::read(a, Some(base))?), deltas(&crate::adapters::read(b, Some(base))?));
+    ensure!(da.len() == db.len(), "{} has {} modules, {} has {}", a.display(), da.len(), b.display(), db.len());
+    let mut worst = 0.0f32;
+    for (name, d) in &da {
+        let other = db.get(name).with_context(|| format!("{} lacks module {name}", b.display()))?;
+        worst = d.iter().zip(other.iter()).fold(worst, |m, (x, y)| m.max((x - y).abs()));
+    }
+    Ok(worst)
+}
+
+struct Row {
+    step: String,
+    seconds: f64,
+    figure: String,
+    output: String,
 }
 
 /// Run the demo and print its table on stdout.
-pub fn run(args: &DemoArgs) -> Result<()> {
-    println!("lora demo: one Llama-shaped decoder layer, hidden {}, LoRA rank {}", args.hidden, args.rank);
-    println!(
-        "{:<18} {:>6} {:>6} {:>10} {:>10} {:>8} {:>12} {:>12}",
-        "module", "d_in", "d_out", "trainable", "full", "ratio", "fwd err", "unmerge err"
-    );
-    let mut total = ParamCount::default();
-    let start = Instant::now();
-    for (i, (name, d_in, d_out)) in llama_projections(args.hidden).into_iter().enumerate() {
-        let seed = args.seed.wrapping_add(i as u64);
-        let base = LoraLayer::<f32>::init(
-            d_in,
-            d_out,
-            d_in.min(d_out),
-            1.0,
-            Scaling::Standard,
-            Init::Random { b_std: 0.05 },
-            seed,
-        )?;
-        let w0 = base.delta();
-        let lora = LoraLayer::<f32>::init(
-            d_in,
-            d_out,
+pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
+    let out = args.out.clone().unwrap_or_else(|| std::env::temp_dir().join("lora-demo"));
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let shape = Shape::new(args.hidden, args.layers);
+    let mut rows: Vec<Row> = Vec::new();
+    let path = |name: &str| out.join(name);
+    let show = |p: &Path| p.strip_prefix(&out).unwrap_or(p).display().to_string();
+
+    let t = Instant::now();
+    let (base_tensors, tuned_tensors) = build_models(&shape, args.seed);
+    let config = shape.config();
+    write_model_folder(&path("base"), &config, &base_tensors)?;
+    write_model_folder(&path("tuned"), &config, &tuned_tensors)?;
+    let params: usize = base_tensors.iter().map(|(_, t)| t.len()).sum();
+    rows.push(Row {
+        step: "build base + tuned".into(),
+        seconds: t.elapsed().as_secs_f64(),
+        figure: format!("{params} parameters, {} layers, hidden {}", shape.layers, shape.hidden),
+        output: "base/, tuned/".into(),
+    });
+
+    let t = Instant::now();
+    let extract = crate::extract::ExtractArgs {
+        base: path("base"),
+        tuned: path("tuned"),
+        out: path("adapter"),
+        rank: rank_args(args.rank),
+        method: crate::extract::MethodArg::Randomized,
+        seed: args.seed,
+        alpha: None,
+        include: None,
+        exclude: None,
+        save_untouched: false,
+        format: FormatArg::Peft,
+        dtype: None,
+        threads: None,
+        report: Some(path("extract-report.json")),
+        plot: Some(path("spectra.svg")),
+        force: true,
+        json: true,
+    };
+    let s = crate::extract::execute(&extract, quiet)?;
+    let extract_error = s["max_relative_error"].as_f64().unwrap_or(f64::NAN);
+    rows.push(Row {
+        step: format!("extract rank {} (randomized SVD)", args.rank),
+        seconds: t.elapsed().as_secs_f64(),
+        figure: format!(
+            "{} modules, {} of {} numbers ({:.2}%), worst error {:.2e}",
+            s["modules"],
+            s["trainable_parameters"],
+            s["full_parameters"],
+            100.0 * s["trainable_parameters"].as_f64().unwrap_or(0.0) / s["full_parameters"].as_f64().unwrap_or(1.0),
+            extract_error
+        ),
+        output: "adapter/ (PEFT), extract-report.json, spectra.svg".into(),
+    });
+
+    let t = Instant::now();
+    let resize = crate::resize::ResizeArgs {
+        adapter: path("adapter"),
+        out: path("adapter-r8"),
+        rank: rank_args((args.rank / 2).max(1)),
+        format: None,
+        dtype: None,
+        base: None,
+        force: true,
+        json: true,
+    };
+    let s = crate::resize::execute(&resize)?;
+    rows.push(Row {
+        step: format!("resize to rank {}", (args.rank / 2).max(1)),
+        seconds: t.elapsed().as_secs_f64(),
+        figure: format!(
+            "{} -> {} numbers, worst error vs rank {} {:.2e}",
+            s["parameters_before"],
+            s["parameters_after"],
             args.rank,
-            2.0 * args.rank as f64,
-            Scaling::Standard,
-            Init::Random { b_std: 0.02 },
-            seed ^ 0x5eed,
-        )?;
-        let x =
-            LoraLayer::<f32>::init(d_in, 16, 1, 1.0, Scaling::Standard, Init::Random { b_std: 1.0 }, seed ^ 0xda7a)?
-                .delta();
+            s["max_relative_error"].as_f64().unwrap_or(f64::NAN)
+        ),
+        output: "adapter-r8/".into(),
+    });
 
-        let y = lora.forward(&x, &w0, WeightLayout::OutIn)?;
-        let mut w = w0.clone();
-        lora.merge_into(&mut w, WeightLayout::OutIn)?;
-        let fwd_err = max_abs_diff(&y, &x.dot(&w.t()));
-        lora.unmerge_from(&mut w, WeightLayout::OutIn)?;
-        let unmerge_err = max_abs_diff(&w, &w0);
-        ensure!(fwd_err < 1e-3 && unmerge_err < 1e-5, "{name}: forward or unmerge disagrees with the merged weight");
-
-        let count = lora.param_count();
-        total += count;
-        println!(
-            "{name:<18} {d_in:>6} {d_out:>6} {:>10} {:>10} {:>7.2}% {fwd_err:>12.2e} {unmerge_err:>12.2e}",
-            count.trainable,
-            count.full,
-            100.0 * count.ratio()
-        );
-    }
-    println!(
-        "{:<18} {:>6} {:>6} {:>10} {:>10} {:>7.2}%   ({:.0}x fewer numbers to tune, {:.2} s)",
-        "total",
-        "",
-        "",
-        total.trainable,
-        total.full,
-        100.0 * total.ratio(),
-        total.reduction(),
-        start.elapsed().as_secs_f64()
+    let t = Instant::now();
+    let merge = crate::merge::MergeArgs {
+        base: path("base"),
+        adapter: path("adapter"),
+        out: path("merged"),
+        scale: 1.0,
+        dtype: None,
+        unmerge: false,
+        threads: None,
+        force: true,
+        json: true,
+    };
+    crate::merge::execute(&merge, quiet)?;
+    let seconds = t.elapsed().as_secs_f64();
+    let (merged, tuned, base) = (
+        crate::source::open_model(&path("merged"), "merged")?,
+        crate::source::open_model(&path("tuned"), "tuned")?,
+        crate::source::open_model(&path("base"), "base")?,
     );
+    let linear: Vec<String> = tuned.source().tensor_names().into_iter().filter(|n| n.contains("_proj.")).collect();
+    let merge_error = relative_difference(merged.source(), tuned.source(), &linear)?;
+    let delta_norm = relative_difference(base.source(), tuned.source(), &linear)?;
+    ensure!(
+        merge_error <= delta_norm * extract_error * 1.01 + 1e-6,
+        "merged weights are further from the tuned ones ({merge_error:.3e}) than the extraction error allows"
+    );
+    rows.push(Row {
+        step: "merge adapter into base".into(),
+        seconds,
+        figure: format!("|merged - tuned| / |tuned| = {merge_error:.2e} (base was {delta_norm:.2e} away)"),
+        output: "merged/".into(),
+    });
+
+    for (to, name) in [(FormatArg::Kohya, "adapter-kohya.safetensors"), (FormatArg::Gguf, "adapter.gguf")] {
+        let t = Instant::now();
+        let convert = crate::convert::ConvertArgs {
+            input: path("adapter"),
+            to,
+            out: path(name),
+            base: Some(path("base")),
+            dtype: None,
+            force: true,
+            json: true,
+        };
+        crate::convert::execute(&convert)?;
+        let seconds = t.elapsed().as_secs_f64();
+        let diff = max_delta_difference(&path("adapter"), &path(name), &base)?;
+        ensure!(diff <= 1e-6, "{name} does not hold the adapter's deltas (max difference {diff:.3e})");
+        rows.push(Row {
+            step: format!("convert to {}", lora_io::Format::from(to)),
+            seconds,
+            figure: format!("read back: max |delta difference| = {diff:.1e}"),
+            output: show(&path(name)),
+        });
+    }
+
+    println!(
+        "lora demo: a {}-layer Llama-shaped model (hidden {}), files in {}",
+        shape.layers,
+        shape.hidden,
+        out.display()
+    );
+    println!();
+    println!("{:<34} {:>8}  {:<64} {}", "step", "seconds", "result", "written");
+    for r in &rows {
+        println!("{:<34} {:>8.3}  {:<64} {}", r.step, r.seconds, r.figure, r.output);
+    }
     Ok(())
 }

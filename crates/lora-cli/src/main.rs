@@ -1,33 +1,63 @@
-//! The `lora` command.
+//! The `lora` command: inspect, extract, merge, convert, resize, combine and demo.
 //!
-//! Subcommands grow with the crates under them; `lora demo` runs the main job on an embedded
-//! default so that a newcomer sees the toolkit work without a model at hand.
+//! Results go to stdout (`--json` for machines), progress bars and errors to stderr. Every output
+//! appears complete or not at all; an error is one line naming the file and tensor, exit code 1.
 
+mod adapters;
+mod combine;
+mod common;
+mod convert;
 mod demo;
+mod extract;
+mod inspect;
+mod merge;
+mod plot;
+mod resize;
+mod source;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-/// LoRA adapters without Python: inspect, extract, merge, convert, resize, combine, train.
+/// LoRA adapters without Python: inspect, extract, merge, convert, resize, combine.
 #[derive(Debug, Parser)]
 #[command(name = "lora", version, about, long_about = None)]
 struct Cli {
+    /// Hide progress bars.
+    #[arg(long, short, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Show what an adapter or a model holds: modules, ranks, scales, parameters, problems.
+    Inspect(inspect::InspectArgs),
+    /// Extract a LoRA adapter from a fine-tuned model and its base by truncated SVD.
+    Extract(extract::ExtractArgs),
+    /// Merge an adapter into a model folder (or take it out with --unmerge).
+    Merge(merge::MergeArgs),
+    /// Convert an adapter between PEFT, kohya and GGUF.
+    Convert(convert::ConvertArgs),
+    /// Change an adapter's rank without rebuilding the full matrices.
+    Resize(resize::ResizeArgs),
+    /// Combine adapters: weighted sum, concatenation or SVD to a rank.
+    Combine(combine::CombineArgs),
     /// Run the toolkit end to end on a small seeded model (no files needed).
-    ///
-    /// Example: `lora demo`
+    #[command(after_help = "Example:\n  lora demo\n  lora demo --out ./demo")]
     Demo(demo::DemoArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
-    let result: Result<()> = match cli.command {
-        Command::Demo(args) => demo::run(&args),
+    let result: Result<()> = match &cli.command {
+        Command::Inspect(args) => inspect::run(args),
+        Command::Extract(args) => extract::run(args, cli.quiet),
+        Command::Merge(args) => merge::run(args, cli.quiet),
+        Command::Convert(args) => convert::run(args),
+        Command::Resize(args) => resize::run(args),
+        Command::Combine(args) => combine::run(args),
+        Command::Demo(args) => demo::run(args, cli.quiet),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -1,0 +1,212 @@
+//! What the commands share: rank-rule flags, dtype and format choices, progress bars, thread
+//! counts and outputs that appear complete or not at all.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use lora_core::DType;
+use lora_io::Format;
+use lora_svd::{Criterion, RankRule};
+
+/// One rank rule (exactly one of the five) with its floor and cap, as `extract` and `resize` take.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct RankArgs {
+    /// Keep exactly N singular values.
+    #[arg(long, value_name = "N")]
+    pub rank: Option<usize>,
+    /// Keep the fewest singular values whose squares reach fraction F of ||dW||_F^2 (kohya's
+    /// sv_fro = x is --energy x^2).
+    #[arg(long, value_name = "F")]
+    pub energy: Option<f64>,
+    /// Keep every sigma_i >= sigma_max / X (kohya's sv_ratio).
+    #[arg(long, value_name = "X")]
+    pub sv_ratio: Option<f64>,
+    /// Keep every sigma_i > E (mergekit's sv_epsilon).
+    #[arg(long, value_name = "E")]
+    pub sv_epsilon: Option<f64>,
+    /// Keep the fewest singular values whose sum reaches fraction F of the sum of all (kohya's
+    /// sv_cumulative; exact method only).
+    #[arg(long, value_name = "F")]
+    pub sv_cumulative: Option<f64>,
+    /// Never keep more than this many.
+    #[arg(long, value_name = "N")]
+    pub max_rank: Option<usize>,
+    /// Never keep fewer than this many.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub min_rank: usize,
+}
+
+impl RankArgs {
+    /// The rule these flags describe.
+    pub fn rule(&self) -> Result<RankRule> {
+        let given = [
+            self.rank.is_some(),
+            self.energy.is_some(),
+            self.sv_ratio.is_some(),
+            self.sv_epsilon.is_some(),
+            self.sv_cumulative.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() > 1 {
+            bail!("give one rank rule, not several: --rank, --energy, --sv-ratio, --sv-epsilon or --sv-cumulative");
+        }
+        let criterion = match (self.rank, self.energy, self.sv_ratio, self.sv_epsilon, self.sv_cumulative) {
+            (Some(n), ..) => Criterion::Fixed(n),
+            (_, Some(f), ..) => Criterion::Energy(f),
+            (_, _, Some(x), ..) => Criterion::Ratio(x),
+            (_, _, _, Some(e), _) => Criterion::Threshold(e),
+            (.., Some(f)) => Criterion::Cumulative(f),
+            _ => bail!("give one rank rule: --rank, --energy, --sv-ratio, --sv-epsilon or --sv-cumulative"),
+        };
+        Ok(RankRule::new(criterion, self.min_rank, self.max_rank)?)
+    }
+}
+
+/// A stored element type for outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl From<DTypeArg> for DType {
+    fn from(d: DTypeArg) -> DType {
+        match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F16 => DType::F16,
+            DTypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// An adapter format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// A PEFT adapter folder.
+    Peft,
+    /// A kohya / sd-scripts .safetensors file.
+    Kohya,
+    /// A llama.cpp GGUF adapter.
+    Gguf,
+}
+
+impl From<FormatArg> for Format {
+    fn from(f: FormatArg) -> Format {
+        match f {
+            FormatArg::Peft => Format::Peft,
+            FormatArg::Kohya => Format::Kohya,
+            FormatArg::Gguf => Format::Gguf,
+        }
+    }
+}
+
+/// A progress bar on stderr, hidden when stderr is not a terminal or with `--quiet`.
+pub fn progress_bar(len: u64, quiet: bool, what: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    if quiet || !std::io::stderr().is_terminal() {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+/// Use `threads` threads: rayon's global pool, and OpenBLAS inside each product. `None` leaves
+/// both at their defaults (all cores).
+pub fn set_threads(threads: Option<usize>, blas_threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // A second call (tests run commands in one process) keeps the first pool.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
+    if let Some(n) = blas_threads.or(threads) {
+        blas::set_num_threads(n);
+    }
+    Ok(())
+}
+
+#[allow(unsafe_code)]
+mod blas {
+    //! OpenBLAS's thread count, set at run time (the environment variable is read only when the
+    //! library loads).
+    extern "C" {
+        fn openblas_set_num_threads(n: std::os::raw::c_int);
+    }
+
+    pub fn set_num_threads(n: usize) {
+        let n = n.clamp(1, 1024) as std::os::raw::c_int;
+        // SAFETY: OpenBLAS documents this call as safe at any time outside a BLAS call; the
+        // commands call it before any product runs.
+        unsafe { openblas_set_num_threads(n) }
+    }
+}
+
+/// Write an output (a file or a folder) so that it appears complete or not at all: `write` fills a
+/// temporary path in the same folder, which is renamed onto `out` only when it succeeded. An
+/// existing `out` is refused unless `force`, and then replaced only after the new one is complete.
+pub fn write_output(out: &Path, force: bool, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if out.exists() && !force {
+        bail!("{} exists; pass --force to replace it", out.display());
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let name = out.file_name().with_context(|| format!("{} has no file name", out.display()))?.to_string_lossy();
+    let staged = parent.join(format!(".{name}.lora-tmp-{}", std::process::id()));
+    remove_path(&staged)?;
+    if let Err(err) = write(&staged) {
+        let _ = remove_path(&staged);
+        return Err(err);
+    }
+    if out.exists() {
+        let old = parent.join(format!(".{name}.lora-old-{}", std::process::id()));
+        remove_path(&old)?;
+        std::fs::rename(out, &old).with_context(|| format!("cannot move the old {} aside", out.display()))?;
+        std::fs::rename(&staged, out).with_context(|| format!("cannot move the new output to {}", out.display()))?;
+        remove_path(&old)?;
+    } else {
+        std::fs::rename(&staged, out).with_context(|| format!("cannot move the new output to {}", out.display()))?;
+    }
+    Ok(())
+}
+
+fn remove_path(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Err(_) => Ok(()),
+        Ok(m) if m.is_dir() => {
+            std::fs::remove_dir_all(path).with_context(|| format!("cannot remove {}", path.display()))
+        }
+        Ok(_) => std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display())),
+    }
+}
+
+/// Print a JSON value on stdout.
+pub fn print_json(value: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(value).expect("JSON values serialise"));
+}
+
+/// Split `PATH[:WEIGHT]`; a Windows drive letter or a path containing ':' without a number after
+/// the last ':' is taken whole.
+pub fn split_weight(arg: &str) -> (PathBuf, f64) {
+    if let Some((path, weight)) = arg.rsplit_once(':') {
+        if let Ok(w) = weight.parse::<f64>() {
+            return (PathBuf::from(path), w);
+        }
+    }
+    (PathBuf::from(arg), 1.0)
+}

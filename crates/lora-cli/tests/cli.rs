@@ -1,0 +1,396 @@
+//! End-to-end tests of the `lora` binary: every command run as a user runs it, on models the demo
+//! builds and on the PEFT fixtures, checking outputs against the libraries and every error path
+//! for its one-line message, its exit code and the absence of partial output.
+//!
+//! They live beside the binary, not in the workspace's `tests/` crate, because only a package's
+//! own integration tests are given its executable (`CARGO_BIN_EXE_lora`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use lora_core::deltas;
+use serde_json::Value;
+
+fn lora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lora")).args(args).output().expect("the lora binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = lora(args);
+    assert!(
+        out.status.success(),
+        "lora {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+fn json(args: &[&str]) -> Value {
+    serde_json::from_str(&ok(args)).expect("--json prints JSON")
+}
+
+/// An error: exit code 1, exactly one line on stderr that contains every `needle`, no panic.
+fn fails(args: &[&str], needles: &[&str]) -> String {
+    let out = lora(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "lora {args:?} should fail with exit code 1:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "lora {args:?} panicked:\n{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line of error:\n{stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "the error of lora {args:?} should mention {n:?}:\n{stderr}");
+    }
+    stderr
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// The demo's files (a 2-layer Llama-shaped base and tuned model, adapters), made once per run.
+fn demo() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        ok(&["demo", "--out", s(dir.path()), "--hidden", "64", "--rank", "8"]);
+        dir
+    })
+    .path()
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+fn read(path: &Path) -> lora_core::Adapter<f32> {
+    let base = lora_io::ModelFolder::open(demo().join("base")).expect("base");
+    let modules = lora_core::TensorSource::tensor_names(&base)
+        .into_iter()
+        .filter_map(|n| n.strip_suffix(".weight").map(str::to_string))
+        .collect();
+    let options = lora_io::ReadOptions { modules: Some(modules), base_config: base.config().cloned() };
+    lora_io::read_adapter_with(path, &options).expect("the adapter reads")
+}
+
+fn max_diff(a: &ndarray::Array2<f32>, b: &ndarray::Array2<f32>) -> f32 {
+    a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+}
+
+#[test]
+fn every_command_has_help_with_an_example() {
+    for cmd in ["inspect", "extract", "merge", "convert", "resize", "combine", "demo"] {
+        let help = ok(&[cmd, "--help"]);
+        assert!(help.contains("Example"), "lora {cmd} --help has no example:\n{help}");
+    }
+}
+
+#[test]
+fn demo_writes_every_step() {
+    let dir = demo();
+    for p in [
+        "base/config.json",
+        "tuned/model.safetensors",
+        "adapter/adapter_config.json",
+        "adapter-r8",
+        "merged",
+        "adapter.gguf",
+        "adapter-kohya.safetensors",
+        "spectra.svg",
+        "extract-report.json",
+    ] {
+        assert!(dir.join(p).exists(), "{p} is missing");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("lora-tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary outputs left behind: {leftovers:?}");
+}
+
+#[test]
+fn extract_with_each_rule_and_report() {
+    let dir = demo();
+    let out = tmp();
+    let report = out.path().join("report.json");
+    let summary = json(&[
+        "extract",
+        "--base",
+        s(&dir.join("base")),
+        "--tuned",
+        s(&dir.join("tuned")),
+        "--out",
+        s(&out.path().join("a")),
+        "--rank",
+        "4",
+        "--method",
+        "exact",
+        "--report",
+        s(&report),
+        "--plot",
+        s(&out.path().join("p.svg")),
+        "--json",
+        "--threads",
+        "1",
+    ]);
+    assert_eq!(summary["modules"], 14);
+    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let layers = report["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 14);
+    assert!(layers.iter().all(|l| l["rank"] == 4));
+    let adapter = read(&out.path().join("a"));
+    assert!(adapter.modules().values().all(|m| m.layer().rank() == 4));
+
+    // energy: different ranks per module become the rank pattern
+    let summary = json(&[
+        "extract",
+        "--base",
+        s(&dir.join("base")),
+        "--tuned",
+        s(&dir.join("tuned")),
+        "--out",
+        s(&out.path().join("e")),
+        "--energy",
+        "0.9",
+        "--max-rank",
+        "40",
+        "--json",
+    ]);
+    assert!(summary["max_relative_error"].as_f64().unwrap() <= (0.1f64).sqrt() + 1e-6, "{summary}");
+
+    for (flag, value) in [("--sv-ratio", "4"), ("--sv-epsilon", "0.05"), ("--sv-cumulative", "0.5")] {
+        let target = out.path().join(flag.trim_start_matches('-'));
+        ok(&[
+            "extract",
+            "--base",
+            s(&dir.join("base")),
+            "--tuned",
+            s(&dir.join("tuned")),
+            "--out",
+            s(&target),
+            flag,
+            value,
+            "--method",
+            "exact",
+            "--quiet",
+        ]);
+        assert!(target.join("adapter_model.safetensors").exists());
+    }
+    fails(
+        &[
+            "extract",
+            "--base",
+            s(&dir.join("base")),
+            "--tuned",
+            s(&dir.join("tuned")),
+            "--out",
+            s(&out.path().join("c")),
+            "--sv-cumulative",
+            "0.5",
+            "--method",
+            "randomized",
+        ],
+        &["cumulative"],
+    );
+    assert!(!out.path().join("c").exists());
+}
+
+#[test]
+fn merge_then_unmerge_returns_the_base() {
+    let dir = demo();
+    let out = tmp();
+    ok(&[
+        "merge",
+        "--base",
+        s(&dir.join("base")),
+        "--adapter",
+        s(&dir.join("adapter")),
+        "--out",
+        s(&out.path().join("m")),
+    ]);
+    ok(&[
+        "merge",
+        "--base",
+        s(&out.path().join("m")),
+        "--adapter",
+        s(&dir.join("adapter")),
+        "--unmerge",
+        "--out",
+        s(&out.path().join("u")),
+    ]);
+    let base = lora_io::ModelFolder::open(dir.join("base")).unwrap();
+    let merged = lora_io::ModelFolder::open(out.path().join("m")).unwrap();
+    let back = lora_io::ModelFolder::open(out.path().join("u")).unwrap();
+    let adapter = read(&dir.join("adapter"));
+    let d = deltas(&adapter);
+    for name in lora_core::TensorSource::tensor_names(&base) {
+        let w0 = lora_core::read_matrix::<f32, _>(&base, &name);
+        let Ok(w0) = w0 else { continue };
+        let w1 = lora_core::read_matrix::<f32, _>(&merged, &name).unwrap();
+        let w2 = lora_core::read_matrix::<f32, _>(&back, &name).unwrap();
+        let module = name.trim_end_matches(".weight");
+        let want = match d.get(module) {
+            Some(delta) => &w0 + delta,
+            None => w0.clone(),
+        };
+        assert!(max_diff(&w1, &want) <= 1e-6, "{name}: merged differs from W + s B A");
+        assert!(max_diff(&w2, &w0) <= 1e-5, "{name}: unmerge does not return the base");
+    }
+    // same files as the base, nothing of the adapter
+    let mut files: Vec<String> = std::fs::read_dir(out.path().join("m"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["config.json", "model.safetensors"]);
+}
+
+#[test]
+fn convert_round_trips_keep_every_delta() {
+    let dir = demo();
+    let out = tmp();
+    let base = dir.join("base");
+    let peft = dir.join("adapter");
+    ok(&["convert", s(&peft), "--to", "kohya", "--out", s(&out.path().join("k.safetensors"))]);
+    ok(&[
+        "convert",
+        s(&out.path().join("k.safetensors")),
+        "--to",
+        "peft",
+        "--base",
+        s(&base),
+        "--out",
+        s(&out.path().join("p")),
+    ]);
+    ok(&["convert", s(&peft), "--to", "gguf", "--base", s(&base), "--out", s(&out.path().join("a.gguf"))]);
+    ok(&[
+        "convert",
+        s(&out.path().join("a.gguf")),
+        "--to",
+        "peft",
+        "--base",
+        s(&base),
+        "--out",
+        s(&out.path().join("g")),
+    ]);
+    let want = deltas(&read(&peft));
+    for round in ["p", "g"] {
+        let got = deltas(&read(&out.path().join(round)));
+        assert_eq!(got.len(), want.len());
+        for (name, d) in &want {
+            assert!(max_diff(&got[name], d) <= 1e-6, "{round}: {name} changed");
+        }
+    }
+}
+
+#[test]
+fn resize_and_combine_agree_with_the_library() {
+    let dir = demo();
+    let out = tmp();
+    let adapter = read(&dir.join("adapter"));
+    ok(&["resize", s(&dir.join("adapter")), "--rank", "3", "--out", s(&out.path().join("r"))]);
+    let resized = read(&out.path().join("r"));
+    let rule = lora_svd::RankRule::fixed(3).unwrap();
+    for (name, m) in adapter.modules() {
+        let (want, _) = lora_svd::resize(m.layer(), &rule).unwrap();
+        assert!(max_diff(&resized.module(name).unwrap().layer().delta(), &want.delta()) <= 1e-6, "{name}");
+    }
+
+    let a = s(&dir.join("adapter")).to_string();
+    let b = s(&dir.join("adapter-r8")).to_string();
+    ok(&[
+        "combine",
+        &format!("{a}:0.25"),
+        &format!("{b}:0.75"),
+        "--method",
+        "svd",
+        "--rank",
+        "5",
+        "--out",
+        s(&out.path().join("c")),
+    ]);
+    let combined = read(&out.path().join("c"));
+    let other = read(&dir.join("adapter-r8"));
+    let (want, _) = lora_svd::combine_adapters(
+        &[&adapter, &other],
+        &[0.25, 0.75],
+        &lora_svd::CombineMethod::Svd(Some(lora_svd::RankRule::fixed(5).unwrap())),
+    )
+    .unwrap();
+    for (name, m) in want.modules() {
+        assert!(max_diff(&combined.module(name).unwrap().layer().delta(), &m.layer().delta()) <= 1e-6, "{name}");
+    }
+    ok(&["combine", &a, &a, "--method", "cat", "--out", s(&out.path().join("cat"))]);
+    let cat = read(&out.path().join("cat"));
+    for (name, m) in adapter.modules() {
+        let twice = m.layer().delta() * 2.0;
+        assert!(max_diff(&cat.module(name).unwrap().layer().delta(), &twice) <= 1e-5, "{name}");
+        assert_eq!(cat.module(name).unwrap().layer().rank(), 2 * m.layer().rank());
+    }
+}
+
+#[test]
+fn inspect_reports_adapters_and_models() {
+    let dir = demo();
+    let report = json(&["inspect", s(&dir.join("adapter")), "--json"]);
+    assert_eq!(report["format"], "peft");
+    assert_eq!(report["modules"].as_array().unwrap().len(), 14);
+    assert_eq!(report["problems"].as_array().unwrap().len(), 0);
+    let text = ok(&["inspect", s(&dir.join("adapter.gguf"))]);
+    assert!(text.contains("gguf adapter"), "{text}");
+    let model = json(&["inspect", s(&dir.join("base")), "--json"]);
+    assert_eq!(model["kind"], "model");
+    assert_eq!(model["model_type"], "llama");
+}
+
+#[test]
+fn errors_name_the_file_and_leave_no_output() {
+    let dir = demo();
+    let out = tmp();
+    let target = out.path().join("never");
+
+    fails(
+        &["merge", "--base", s(&dir.join("base")), "--adapter", "/no/such/adapter", "--out", s(&target)],
+        &["/no/such/adapter"],
+    );
+    assert!(!target.exists());
+
+    // an existing output is refused without --force and left as it was
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::write(target.join("keep"), b"x").unwrap();
+    fails(&["convert", s(&dir.join("adapter")), "--to", "kohya", "--out", s(&target)], &["exists", "--force"]);
+    assert!(target.join("keep").exists());
+    std::fs::remove_dir_all(&target).unwrap();
+
+    // a truncated adapter file
+    let bad = out.path().join("bad.safetensors");
+    let bytes = std::fs::read(dir.join("adapter-kohya.safetensors")).unwrap();
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    fails(&["convert", s(&bad), "--to", "peft", "--out", s(&target)], &["bad.safetensors"]);
+    assert!(!target.exists());
+
+    // a header length past the end of the file
+    std::fs::write(&bad, [0xff, 0xff, 0xff, 0x00, 0, 0, 0, 0, b'{', b'}']).unwrap();
+    fails(&["inspect", s(&bad)], &["bad.safetensors"]);
+
+    // an adapter for another model: the shape error names the tensor
+    let small = out.path().join("small");
+    ok(&["demo", "--out", s(&small), "--hidden", "32", "--rank", "2", "--layers", "1"]);
+    fails(
+        &["merge", "--base", s(&dir.join("base")), "--adapter", s(&small.join("adapter")), "--out", s(&target)],
+        &["model.layers.0.self_attn.q_proj"],
+    );
+    assert!(!target.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary outputs left behind: {leftovers:?}");
+}
+
+#[allow(dead_code)]
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
