@@ -6,95 +6,35 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use lora_core::{Adapter, AdapterConfig, AdapterModule, LoraLayer, Scaling, TargetModules, TensorInfo, TensorSource};
+use lora_core::{Adapter, Scaling, TargetModules, TensorSource};
+use lora_io::{ModelFolder, SafetensorsFile};
 use lora_train::eval::{evaluate, tokenize_file, Tokenization};
 use lora_train::{Batch, LoraConfig, Model, ModelConfig, Parallelism, StepOptions, IGNORE_INDEX};
 use ndarray::{Array2, ArrayD, Axis, Ix2, Ix3};
 
-// ---- test-only safetensors reader: replace with lora-io's reader once it lands ----------------
-struct Safetensors {
-    path: PathBuf,
-    bytes: Vec<u8>,
+/// An I64 tensor of a reference file (input ids); lora-io's `TensorSource` reads float tensors only.
+fn i64_tensor(file: &SafetensorsFile, name: &str) -> Result<ArrayD<i64>> {
+    anyhow::ensure!(file.dtype_name(name).as_deref() == Some("I64"), "{name}: not I64");
+    let bytes = file.raw(name).with_context(|| format!("{name} not in {}", file.path().display()))?;
+    let data = bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+    Ok(ArrayD::from_shape_vec(file.shape(name).context("shape")?.to_vec(), data)?)
 }
-
-impl Safetensors {
-    fn open(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
-        safetensors::SafeTensors::deserialize(&bytes).with_context(|| path.display().to_string())?;
-        Ok(Safetensors { path: path.to_path_buf(), bytes })
-    }
-    fn view(&self, name: &str) -> lora_core::Result<safetensors::tensor::TensorView<'_>> {
-        let st = safetensors::SafeTensors::deserialize(&self.bytes).expect("checked in open");
-        st.tensor(name).map_err(|e| lora_core::Error::Source {
-            name: format!("{} in {}", name, self.path.display()),
-            source: Box::new(e),
-        })
-    }
-    fn i64(&self, name: &str) -> Result<ArrayD<i64>> {
-        let v = self.view(name)?;
-        anyhow::ensure!(v.dtype() == safetensors::Dtype::I64, "{name}: not I64");
-        let data = v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
-        Ok(ArrayD::from_shape_vec(v.shape().to_vec(), data)?)
-    }
-}
-
-impl TensorSource for Safetensors {
-    fn tensor_names(&self) -> Vec<String> {
-        let st = safetensors::SafeTensors::deserialize(&self.bytes).expect("checked in open");
-        st.names().into_iter().map(String::from).collect()
-    }
-    fn tensor_info(&self, name: &str) -> Option<TensorInfo> {
-        let v = self.view(name).ok()?;
-        Some(TensorInfo { shape: v.shape().to_vec(), dtype: lora_core::DType::F32 })
-    }
-    fn read_f32(&self, name: &str) -> lora_core::Result<ArrayD<f32>> {
-        let v = self.view(name)?;
-        if v.dtype() != safetensors::Dtype::F32 {
-            return Err(lora_core::Error::Unsupported(format!(
-                "{name}: dtype {:?} (test reader: F32 only)",
-                v.dtype()
-            )));
-        }
-        let data = v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
-        Ok(ArrayD::from_shape_vec(v.shape().to_vec(), data).expect("safetensors checked the length"))
-    }
-}
-// -------------------------------------------------------------------------------------------------
 
 fn case(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/train").join(name)
 }
 
-fn load(name: &str) -> Result<(Model<f32>, Safetensors)> {
+fn load(name: &str) -> Result<(Model<f32>, SafetensorsFile)> {
     let dir = case(name);
     let config = ModelConfig::from_file(&dir.join("model/config.json"))?;
-    let weights = Safetensors::open(&dir.join("model/model.safetensors"))?;
+    let weights = ModelFolder::open(dir.join("model"))?;
     let model = Model::from_source(config, &weights)?;
-    Ok((model, Safetensors::open(&dir.join("reference.safetensors"))?))
+    Ok((model, SafetensorsFile::open(dir.join("reference.safetensors"))?))
 }
 
-/// PEFT adapter folder -> lora-core Adapter (lora-io's PEFT reader will replace this).
+/// A PEFT adapter folder, through lora-io's reader.
 fn read_peft_adapter(dir: &Path) -> Result<Adapter<f32>> {
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json"))?)?;
-    let r = cfg["r"].as_u64().context("r")? as usize;
-    let alpha = cfg["lora_alpha"].as_f64().context("lora_alpha")?;
-    let scaling = if cfg["use_rslora"].as_bool() == Some(true) { Scaling::RsLora } else { Scaling::Standard };
-    let targets = cfg["target_modules"].as_array().context("target_modules")?;
-    let mut config = AdapterConfig::new(
-        r,
-        alpha,
-        TargetModules::List(targets.iter().filter_map(|t| t.as_str().map(String::from)).collect()),
-    );
-    config.scaling = scaling;
-    let file = Safetensors::open(&dir.join("adapter_model.safetensors"))?;
-    let mut adapter = Adapter::new(config);
-    for name in file.tensor_names().iter().filter(|n| n.ends_with(".lora_A.weight")) {
-        let module = name.trim_start_matches("base_model.model.").trim_end_matches(".lora_A.weight");
-        let a = file.read_f32(name)?.into_dimensionality::<Ix2>()?;
-        let b = file.read_f32(&name.replace("lora_A", "lora_B"))?.into_dimensionality::<Ix2>()?;
-        adapter.insert(module, AdapterModule::linear(LoraLayer::new(a, b, alpha, scaling)?))?;
-    }
-    Ok(adapter)
+    Ok(lora_io::read_peft(dir)?)
 }
 
 fn rel_err<D: ndarray::Dimension>(ours: &ndarray::ArrayRef<f32, D>, theirs: &ndarray::ArrayRef<f32, D>) -> f64 {
@@ -104,12 +44,12 @@ fn rel_err<D: ndarray::Dimension>(ours: &ndarray::ArrayRef<f32, D>, theirs: &nda
     max_diff / max_ref
 }
 
-fn batch(reference: &Safetensors) -> Result<Batch> {
-    let ids = reference.i64("input_ids")?.into_dimensionality::<Ix2>()?.mapv(|v| v as u32);
+fn batch(reference: &SafetensorsFile) -> Result<Batch> {
+    let ids = i64_tensor(reference, "input_ids")?.into_dimensionality::<Ix2>()?.mapv(|v| v as u32);
     Ok(Batch::new(ids)?)
 }
 
-fn scalar(reference: &Safetensors, name: &str) -> Result<f64> {
+fn scalar(reference: &SafetensorsFile, name: &str) -> Result<f64> {
     Ok(f64::from(reference.read_f32(name)?[[0]]))
 }
 
@@ -131,7 +71,7 @@ fn logits_and_loss_equal_transformers() -> Result<()> {
 #[test]
 fn padding_mask_equals_transformers_on_real_tokens() -> Result<()> {
     let (model, reference) = load("llama")?;
-    let mask = reference.i64("attention_mask")?.into_dimensionality::<Ix2>()?.mapv(|m| m != 0);
+    let mask = i64_tensor(&reference, "attention_mask")?.into_dimensionality::<Ix2>()?.mapv(|m| m != 0);
     let plain = batch(&reference)?;
     let labels = Array2::from_shape_fn(mask.dim(), |(b, t)| {
         if mask[[b, t]] {
@@ -167,7 +107,7 @@ fn peft_adapter_gives_peft_logits_loss_and_gradients() -> Result<()> {
         let (loss, grads) = model.loss_and_grads(&batch, StepOptions::default())?;
         let want = scalar(&reference, "loss_adapted")?;
         let loss_err = (loss.mean() - want).abs() / want;
-        let peft_grads = Safetensors::open(&case(name).join("grads.safetensors"))?;
+        let peft_grads = SafetensorsFile::open(case(name).join("grads.safetensors"))?;
         assert_eq!(grads.len() * 2, peft_grads.tensor_names().len());
         let mut grad_err: f64 = 0.0;
         for (module, g) in &grads {
@@ -242,7 +182,7 @@ fn eval_equals_transformers_on_blocks() -> Result<()> {
     assert_eq!(tokens.tokenization, Tokenization::Bytes);
     let report = evaluate(&model, &tokens.ids, 16, 5)?;
     let want = scalar(&reference, "eval_bytes_loss")?;
-    let blocks = reference.i64("eval_bytes_blocks")?;
+    let blocks = i64_tensor(&reference, "eval_bytes_blocks")?;
     assert_eq!((report.blocks, report.tokens), (blocks.shape()[0], blocks.shape()[0] * 15));
     let err_bytes = (report.loss - want).abs() / want;
     assert!((report.perplexity - report.loss.exp()).abs() < 1e-12);
@@ -250,7 +190,7 @@ fn eval_equals_transformers_on_blocks() -> Result<()> {
     let (model, reference) = load("llama_tied")?;
     let tokens = tokenize_file(&case("llama_tied/model"), &data, 256)?;
     assert!(matches!(tokens.tokenization, Tokenization::Tokenizer(_)));
-    let want_ids: Vec<u32> = reference.i64("eval_tokens")?.iter().map(|&v| v as u32).collect();
+    let want_ids: Vec<u32> = i64_tensor(&reference, "eval_tokens")?.iter().map(|&v| v as u32).collect();
     assert_eq!(tokens.ids, want_ids);
     let report = evaluate(&model, &tokens.ids, 16, 64)?;
     let want = scalar(&reference, "eval_tok_loss")?;
@@ -267,7 +207,7 @@ fn a_sliding_window_shorter_than_the_sequence_is_refused() -> Result<()> {
     let text =
         std::fs::read_to_string(dir.join("config.json"))?.replace("\"sliding_window\": 4096", "\"sliding_window\": 4");
     let config = ModelConfig::from_json(&text, "mistral/config.json")?;
-    let model = Model::<f32>::from_source(config, &Safetensors::open(&dir.join("model.safetensors"))?)?;
+    let model = Model::<f32>::from_source(config, &SafetensorsFile::open(dir.join("model.safetensors"))?)?;
     let (_, reference) = load("mistral")?;
     let err = model.logits(&batch(&reference)?).unwrap_err().to_string();
     assert!(err.contains("sliding_window 4") && err.contains("12"), "{err}");
@@ -278,7 +218,7 @@ fn a_sliding_window_shorter_than_the_sequence_is_refused() -> Result<()> {
 fn missing_and_misshapen_weights_are_named() -> Result<()> {
     let dir = case("qwen2/model");
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
-    let weights = Safetensors::open(&dir.join("model.safetensors"))?;
+    let weights = SafetensorsFile::open(dir.join("model.safetensors"))?;
     let mut wrong = config.clone();
     wrong.intermediate_size = 100;
     let err = Model::<f32>::from_source(wrong, &weights).unwrap_err().to_string();
@@ -291,10 +231,54 @@ fn missing_and_misshapen_weights_are_named() -> Result<()> {
     let llama_config = ModelConfig::from_file(&case("llama_tied/model/config.json"))?;
     let mut untied = llama_config;
     untied.tie_word_embeddings = false;
-    let err = Model::<f32>::from_source(untied, &Safetensors::open(&case("llama_tied/model/model.safetensors"))?)
+    let err = Model::<f32>::from_source(untied, &SafetensorsFile::open(case("llama_tied/model/model.safetensors"))?)
         .unwrap_err()
         .to_string();
     assert!(err.contains("lm_head.weight"), "{err}");
     drop(tied_ref);
+    Ok(())
+}
+
+/// A little-endian `.npy` array of f4 or i8 (the fixtures' logits and ids), as f64.
+fn read_npy(path: &Path) -> Result<ArrayD<f64>> {
+    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    anyhow::ensure!(bytes.starts_with(b"\x93NUMPY"), "{}: not a .npy file", path.display());
+    let (len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        _ => (u32::from_le_bytes(bytes[8..12].try_into()?) as usize, 12),
+    };
+    let header = std::str::from_utf8(&bytes[start..start + len])?;
+    let shape_text = header.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).context("shape")?;
+    let shape: Vec<usize> =
+        shape_text.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse()).collect::<Result<_, _>>()?;
+    let data = &bytes[start + len..];
+    let values: Vec<f64> = if header.contains("'<f4'") {
+        data.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes")))).collect()
+    } else if header.contains("'<i8'") {
+        data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64).collect()
+    } else {
+        anyhow::bail!("{}: unsupported dtype in {header}", path.display())
+    };
+    Ok(ArrayD::from_shape_vec(shape, values)?)
+}
+
+#[test]
+fn half_precision_models_load_from_a_folder_and_compute_in_f32() -> Result<()> {
+    // transformers computed these logits in the half type itself; we decode the same weights to
+    // f32 and compute in f32, so the two agree to the half type's precision, not to 1e-4.
+    for (case, tolerance) in [("f16", 5e-3), ("bf16", 3e-2)] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/peft").join(case);
+        let mut model = Model::<f32>::from_dir(dir.join("base"))?;
+        let ids = read_npy(&dir.join("input_ids.npy"))?.into_dimensionality::<Ix2>()?.mapv(|v| v as u32);
+        let batch = Batch::new(ids)?;
+        let want = read_npy(&dir.join("logits_base.npy"))?.mapv(|v| v as f32).into_dimensionality::<Ix3>()?;
+        let err = rel_err(&model.logits(&batch)?, &want);
+        assert!(err < tolerance, "{case}: base logits differ from transformers' by {err:.2e}");
+
+        model.load_adapter(&lora_io::read_peft::<f32>(dir.join("adapter"))?)?;
+        let want = read_npy(&dir.join("logits_adapted.npy"))?.mapv(|v| v as f32).into_dimensionality::<Ix3>()?;
+        let err = rel_err(&model.logits(&batch)?, &want);
+        assert!(err < tolerance, "{case}: adapted logits differ from PEFT's by {err:.2e}");
+    }
     Ok(())
 }

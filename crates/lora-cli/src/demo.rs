@@ -118,7 +118,10 @@ fn finetune_delta(d_out: usize, d_in: usize, rng: &mut ChaCha8Rng) -> Array2<f32
 }
 
 /// Base and tuned tensors of the demo model, in file order.
-fn build_models(shape: &Shape, seed: u64) -> (Vec<(String, ArrayD<f32>)>, Vec<(String, ArrayD<f32>)>) {
+/// Named tensors in file order.
+type Tensors = Vec<(String, ArrayD<f32>)>;
+
+fn build_models(shape: &Shape, seed: u64) -> (Tensors, Tensors) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (mut base, mut tuned) = (Vec::new(), Vec::new());
     let mut push = |name: String, w: Array2<f32>, delta: Option<Array2<f32>>| {
@@ -145,7 +148,7 @@ fn build_models(shape: &Shape, seed: u64) -> (Vec<(String, ArrayD<f32>)>, Vec<(S
     push("model.norm.weight".into(), Array2::ones((1, shape.hidden)), None);
     push("lm_head.weight".into(), gaussian(shape.vocab, shape.hidden, 0.02, &mut rng), None);
     // norms are vectors: drop the helper axis
-    let squeeze = |v: &mut Vec<(String, ArrayD<f32>)>| {
+    let squeeze = |v: &mut Tensors| {
         for (name, t) in v.iter_mut() {
             if name.ends_with("norm.weight") {
                 *t = t.clone().into_shape_with_order(shape.hidden).expect("one row").into_dyn();
@@ -357,7 +360,7 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
         out.display()
     );
     println!();
-    println!("{:<34} {:>8}  {:<64} {}", "step", "seconds", "result", "written");
+    println!("{:<34} {:>8}  {:<64} written", "step", "seconds", "result");
     for r in &rows {
         println!("{:<34} {:>8.3}  {:<64} {}", r.step, r.seconds, r.figure, r.output);
     }

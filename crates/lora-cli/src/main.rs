@@ -1,4 +1,4 @@
-//! The `lora` command: inspect, extract, merge, convert, resize, combine and demo.
+//! The `lora` command: inspect, extract, merge, convert, resize, combine, eval and demo.
 //!
 //! Results go to stdout (`--json` for machines), progress bars and errors to stderr. Every output
 //! appears complete or not at all; an error is one line naming the file and tensor, exit code 1.
@@ -8,6 +8,7 @@ mod combine;
 mod common;
 mod convert;
 mod demo;
+mod eval;
 mod extract;
 mod inspect;
 mod merge;
@@ -43,6 +44,8 @@ enum Command {
     Resize(resize::ResizeArgs),
     /// Combine adapters: weighted sum, concatenation or SVD to a rank.
     Combine(combine::CombineArgs),
+    /// Loss and perplexity of a model, with an adapter or without, on a text file.
+    Eval(eval::EvalArgs),
     /// Run the toolkit end to end on a small seeded model (no files needed).
     #[command(after_help = "Example:\n  lora demo\n  lora demo --out ./demo")]
     Demo(demo::DemoArgs),
@@ -57,6 +60,7 @@ fn main() {
         Command::Convert(args) => convert::run(args),
         Command::Resize(args) => resize::run(args),
         Command::Combine(args) => combine::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Demo(args) => demo::run(args, cli.quiet),
     };
     if let Err(err) = result {

@@ -97,11 +97,14 @@ pub fn execute(args: &MergeArgs, quiet: bool) -> Result<serde_json::Value> {
     let fan_in_fan_out = adapter.config().fan_in_fan_out;
     let Model::Folder(folder) = &base else { unreachable!("opened as a folder above") };
 
-    let missing: Vec<&String> = adapter.saved_tensors().keys().filter(|n| folder.file_of(n).is_none()).collect();
+    // Saved tensors by the base tensor they replace. PEFT also saves the base weight of a LoRA'd
+    // embedding as `<module>.base_layer.weight`; it stands for `<module>.weight`.
+    let saved: HashMap<String, &ndarray::ArrayD<f32>> =
+        adapter.saved_tensors().iter().map(|(n, t)| (n.replace(".base_layer.", "."), t)).collect();
+    let missing: Vec<&String> = saved.keys().filter(|n| folder.file_of(n).is_none()).collect();
     if !missing.is_empty() {
         bail!("{}: saved tensors {missing:?} of the adapter are not in the base model", args.adapter.display());
     }
-
     let bar = progress_bar(folder.names().count() as u64, quiet, if args.unmerge { "unmerge" } else { "merge" });
     let mut merged = 0usize;
     let mut replaced = 0usize;
@@ -126,9 +129,9 @@ pub fn execute(args: &MergeArgs, quiet: bool) -> Result<serde_json::Value> {
                 merged += 1;
                 return Ok(Some(w.into_dyn()));
             }
-            if let Some(t) = adapter.saved_tensors().get(name) {
+            if let Some(t) = saved.get(name) {
                 replaced += 1;
-                return Ok(Some(t.clone()));
+                return Ok(Some((*t).clone()));
             }
             Ok(None)
         })?;

@@ -390,7 +390,110 @@ fn errors_name_the_file_and_leave_no_output() {
     assert!(leftovers.is_empty(), "temporary outputs left behind: {leftovers:?}");
 }
 
-#[allow(dead_code)]
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+#[test]
+fn eval_equals_transformers_loss_and_the_library_with_an_adapter() {
+    let train = fixtures().join("train");
+    let model = train.join("llama/model");
+    let data = train.join("eval.txt");
+    let report = json(&["eval", "--base", s(&model), "--data", s(&data), "--seq-len", "16", "--batch", "5", "--json"]);
+    let reference = lora_io::SafetensorsFile::open(train.join("llama/reference.safetensors")).unwrap();
+    let want = reference.tensor_f64("eval_bytes_loss").unwrap().iter().copied().next().unwrap();
+    let loss = report["loss"].as_f64().unwrap();
+    assert!((loss - want).abs() / want < 1e-4, "lora eval loss {loss}, transformers {want}");
+    assert_eq!(report["tokenization"], "bytes");
+    assert!((report["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9);
+
+    let adapted = json(&[
+        "eval",
+        "--base",
+        s(&model),
+        "--adapter",
+        s(&train.join("llama/adapter")),
+        "--data",
+        s(&data),
+        "--seq-len",
+        "16",
+        "--json",
+    ]);
+    let mut m = lora_train::Model::<f32>::from_dir(&model).unwrap();
+    m.load_adapter(&lora_io::read_peft::<f32>(train.join("llama/adapter")).unwrap()).unwrap();
+    let ids: Vec<u32> = std::fs::read(&data).unwrap().into_iter().map(u32::from).collect();
+    let want = lora_train::eval::evaluate(&m, &ids, 16, 8).unwrap();
+    assert!((adapted["loss"].as_f64().unwrap() - want.loss).abs() <= 1e-6 * want.loss, "{adapted} vs {want:?}");
+    assert_ne!(adapted["loss"], report["loss"], "the adapter changes the loss");
+
+    fails(&["eval", "--base", s(&model), "--data", "/no/such/file.txt"], &["/no/such/file.txt"]);
+}
+
+/// Largest |a - b| over every tensor of two models with the same names.
+fn max_model_diff(a: &Path, b: &Path) -> f32 {
+    use lora_core::TensorSource;
+    let (a, b) = (lora_io::ModelFolder::open(a).unwrap(), lora_io::ModelFolder::open(b).unwrap());
+    let mut names = a.tensor_names();
+    names.sort();
+    let mut other = b.tensor_names();
+    other.sort();
+    assert_eq!(names, other, "the two models hold different tensors");
+    names.iter().fold(0.0f32, |m, n| {
+        let (x, y) = (a.read_f32(n).unwrap(), b.read_f32(n).unwrap());
+        x.iter().zip(y.iter()).fold(m, |m, (p, q)| m.max((p - q).abs()))
+    })
+}
+
+#[test]
+fn merge_and_extract_agree_with_peft_on_its_fixtures() {
+    let out = tmp();
+    // plain: a sharded base; dora: magnitudes; gpt2_fifo: Conv1D weights (fan_in_fan_out);
+    // embed_save: an embedding LoRA and a modules_to_save lm_head
+    for case in ["plain", "dora", "gpt2_fifo", "rslora", "patterns", "embed_save"] {
+        let dir = fixtures().join("peft").join(case);
+        let merged = out.path().join(format!("{case}-merged"));
+        ok(&[
+            "merge",
+            "--base",
+            s(&dir.join("base")),
+            "--adapter",
+            s(&dir.join("adapter")),
+            "--out",
+            s(&merged),
+            "--quiet",
+        ]);
+        let diff = max_model_diff(&merged, &dir.join("merged"));
+        assert!(diff <= 1e-5, "{case}: lora merge differs from PEFT's merge_and_unload by {diff:e}");
+        if case == "plain" {
+            let shards = std::fs::read_dir(&merged)
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("model-"))
+                .count();
+            assert_eq!(shards, 3, "the base's sharding is kept");
+        }
+    }
+    // extract from (base, PEFT-merged) at the adapter's rank: the merge reproduces PEFT's
+    for (case, rank) in [("plain", "8"), ("gpt2_fifo", "4")] {
+        let dir = fixtures().join("peft").join(case);
+        let adapter = out.path().join(format!("{case}-extracted"));
+        let summary = json(&[
+            "extract",
+            "--base",
+            s(&dir.join("base")),
+            "--tuned",
+            s(&dir.join("merged")),
+            "--rank",
+            rank,
+            "--method",
+            "exact",
+            "--out",
+            s(&adapter),
+            "--json",
+        ]);
+        assert_eq!(summary["fan_in_fan_out"], case == "gpt2_fifo");
+        let remerged = out.path().join(format!("{case}-remerged"));
+        ok(&["merge", "--base", s(&dir.join("base")), "--adapter", s(&adapter), "--out", s(&remerged)]);
+        let diff = max_model_diff(&remerged, &dir.join("merged"));
+        assert!(diff <= 1e-4, "{case}: extract + merge differs from PEFT's merged model by {diff:e}");
+    }
 }

@@ -27,11 +27,14 @@ impl AtomicFile {
             _ => PathBuf::from("."),
         };
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".tmp")
-            .tempfile_in(&dir)
-            .map_err(|e| Error::io(path, e))?;
+        let prefix = format!(".{name}.");
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(&prefix).suffix(".tmp");
+        // A temporary file is private (0600) by default; the finished file gets the usual
+        // permissions of a new file (0666 less the umask), as `File::create` would give it.
+        #[cfg(unix)]
+        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+        let tmp = builder.tempfile_in(&dir).map_err(|e| Error::io(path, e))?;
         Ok(AtomicFile { path: path.to_path_buf(), out: BufWriter::with_capacity(1 << 20, tmp) })
     }
 

@@ -84,6 +84,10 @@ pub enum Error {
     #[error("thread pool: {0}")]
     ThreadPool(String),
 
+    /// A model or adapter file could not be read (lora-io's error names the file and tensor).
+    #[error(transparent)]
+    Files(#[from] lora_io::Error),
+
     /// An error of the LoRA math or of a tensor source.
     #[error(transparent)]
     Core(#[from] lora_core::Error),

@@ -346,6 +346,15 @@ fn read1<T: Scalar, S: TensorSource + ?Sized>(source: &S, name: &str, len: usize
 }
 
 impl<T: Scalar> Model<T> {
+    /// Load a Hugging Face model folder: config.json and the weights (single or sharded
+    /// safetensors, f32, f16 or bf16), memory-mapped and converted to `T` one tensor at a time.
+    pub fn from_dir(dir: impl AsRef<std::path::Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let folder = lora_io::ModelFolder::open(dir)?;
+        Self::from_source(config, &folder)
+    }
+
     /// Load the weights named as in a transformers checkpoint (`model.embed_tokens.weight`,
     /// `model.layers.0.self_attn.q_proj.weight`, ...) from `source`, converted to `T`.
     /// Missing tensors, wrong shapes and non-finite values are errors naming the tensor.
