@@ -56,19 +56,22 @@ const COMPARES: &[CompareSpec] = &[CompareSpec {
 
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let mut compare = false;
+    let mut only: Option<String> = None;
     let mut python = root.join("target/bench-venv/bin/python");
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--compare" => compare = true,
             "--python" => python = PathBuf::from(it.next().context("--python needs a path")?),
+            "--only" => only = Some(it.next().context("--only needs a block name prefix")?.clone()),
             other => bail!("unknown argument {other}"),
         }
     }
     let doc_path = root.join("docs/benchmarks.md");
     let mut doc = std::fs::read_to_string(&doc_path).context("docs/benchmarks.md")?;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    for spec in BENCHES {
+    let selected = |block: &str| only.as_deref().is_none_or(|prefix| block.starts_with(prefix));
+    for spec in BENCHES.iter().filter(|s| selected(s.block)) {
         let mut cmd = vec!["bench", "-p", spec.package, "--bench", spec.bench];
         let features = spec.features.join(",");
         if !features.is_empty() {
@@ -91,7 +94,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     }
     if compare {
         ensure_venv(root, &python)?;
-        for spec in COMPARES {
+        for spec in COMPARES.iter().filter(|s| selected(s.block)) {
             let out = Command::new(&python)
                 .arg(root.join(spec.script))
                 .args(spec.args)

@@ -18,7 +18,8 @@ tasks:
   ci                                     format check, clippy, tests (tidy rules included), docs
   release <X.Y.Z|major|minor|patch>      dry run of a release; add --execute to publish and tag
           [--execute] [--allow-dirty] [--skip-ci] [--no-verify] [--binary-profile release|dev]
-  bench [--compare] [--python PATH]      criterion benches, tables of docs/benchmarks.md";
+  bench [--compare] [--python PATH] [--only BLOCK-PREFIX]
+                                         criterion benches, tables of docs/benchmarks.md";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
