@@ -1,4 +1,5 @@
 //! The one integration-test binary of the workspace: cross-crate tests and the tidy rules.
 
+mod io_fixtures;
 mod release;
 mod tidy;

@@ -1,0 +1,526 @@
+//! safetensors files: memory-mapped reading with lazy decoding, and atomic streaming writes.
+//!
+//! Reading maps the file and validates the header with the `safetensors` crate (offsets in order,
+//! no gap or overlap, byte counts that match shape and dtype, the last offset at the end of the
+//! file, a header under 100 MB); tensor data stays in the map until a tensor is decoded. Data in a
+//! safetensors file is not aligned, so decoding goes through `from_le_bytes`.
+//!
+//! Writing streams tensors one at a time into a temporary file beside the target, then fsyncs and
+//! renames it; the header is computed up front from the planned shapes and dtypes.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use indexmap::IndexMap;
+use lora_core::{DType, Scalar, TensorInfo, TensorSource};
+use memmap2::Mmap;
+use ndarray::{ArrayD, ArrayRef, Dimension, IxDyn};
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
+
+use crate::atomic::AtomicFile;
+use crate::error::{Error, Location, Result};
+
+/// The safetensors crate's limit on the JSON header.
+const MAX_HEADER: u64 = 100_000_000;
+
+#[derive(Debug, Clone)]
+struct Entry {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+#[derive(Debug)]
+enum Bytes {
+    Map(Mmap),
+}
+
+impl Bytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Map(m) => m,
+        }
+    }
+}
+
+/// A memory-mapped safetensors file. Opening validates the header; tensors are decoded only when
+/// read, one at a time, to f32 or f64 from F32, F16, BF16 or F64.
+///
+/// As a [`TensorSource`] it lists the floating-point tensors only; tensors of other dtypes
+/// (integer buffers) are visible through [`SafetensorsFile::names`] and can be copied raw.
+#[derive(Debug)]
+pub struct SafetensorsFile {
+    path: PathBuf,
+    bytes: Bytes,
+    data_start: usize,
+    tensors: IndexMap<String, Entry>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl SafetensorsFile {
+    /// Map and validate a file.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        if len < 8 {
+            return Err(Error::header(
+                Location::file(path),
+                format!("file has {len} bytes, fewer than the 8-byte header length"),
+            ));
+        }
+        let map = map_file(&file).map_err(|e| Error::io(path, e))?;
+        let buffer: &[u8] = &map;
+        let (n, meta) = SafeTensors::read_metadata(buffer).map_err(|e| describe(path, buffer, e))?;
+        let mut tensors = IndexMap::new();
+        for name in meta.offset_keys() {
+            let info = meta.info(&name).expect("offset_keys lists known tensors");
+            let (start, end) = info.data_offsets;
+            tensors.insert(name, Entry { dtype: info.dtype, shape: info.shape.clone(), start, end });
+        }
+        let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+        Ok(SafetensorsFile { path: path.to_path_buf(), bytes: Bytes::Map(map), data_start: 8 + n, tensors, metadata })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The `__metadata__` map (empty when the file has none).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// Every tensor name, in the order of the data in the file.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// True when the file holds no tensor.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// True when the file has a tensor of this name (of any dtype).
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The shape of a tensor of any dtype.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// The stored dtype's name as safetensors spells it (`"F32"`, `"I64"`).
+    pub fn dtype_name(&self, name: &str) -> Option<String> {
+        self.tensors.get(name).map(|e| dtype_name(e.dtype))
+    }
+
+    /// The stored dtype, when it is one this crate decodes.
+    pub fn dtype(&self, name: &str) -> Option<DType> {
+        self.tensors.get(name).and_then(|e| float_dtype(e.dtype))
+    }
+
+    /// The raw little-endian bytes of a tensor, without copying.
+    pub fn raw(&self, name: &str) -> Option<&[u8]> {
+        self.tensors.get(name).map(|e| &self.bytes.as_slice()[self.data_start + e.start..self.data_start + e.end])
+    }
+
+    /// Total bytes of tensor data.
+    pub fn data_len(&self) -> usize {
+        self.bytes.as_slice().len() - self.data_start
+    }
+
+    /// Decode a tensor to f32.
+    pub fn tensor_f32(&self, name: &str) -> Result<ArrayD<f32>> {
+        self.decode(name, decode_f32)
+    }
+
+    /// Decode a tensor to f64 (exact from every stored float dtype).
+    pub fn tensor_f64(&self, name: &str) -> Result<ArrayD<f64>> {
+        self.decode(name, decode_f64)
+    }
+
+    /// Decode a tensor in `T` (f32 loses precision only for F64 tensors).
+    pub fn tensor<T: Scalar>(&self, name: &str) -> Result<ArrayD<T>> {
+        T::read_from(self, name).map_err(|e| from_core(&self.path, name, e))
+    }
+
+    fn decode<T>(&self, name: &str, f: impl Fn(Dtype, &[u8]) -> std::result::Result<Vec<T>, ()>) -> Result<ArrayD<T>> {
+        let entry = self.tensors.get(name).ok_or_else(|| Error::TensorNotFound { at: self.at(name) })?;
+        let raw = self.raw(name).expect("entry exists");
+        let values = f(entry.dtype, raw)
+            .map_err(|()| Error::UnsupportedDType { at: self.at(name), dtype: dtype_name(entry.dtype) })?;
+        ArrayD::from_shape_vec(IxDyn(&entry.shape), values).map_err(|_| Error::Shape {
+            at: self.at(name),
+            expected: format!("{} elements", entry.shape.iter().product::<usize>()),
+            got: entry.shape.clone(),
+        })
+    }
+
+    fn at(&self, name: &str) -> Location {
+        Location::tensor(&self.path, name)
+    }
+}
+
+impl TensorSource for SafetensorsFile {
+    fn tensor_names(&self) -> Vec<String> {
+        self.tensors.iter().filter(|(_, e)| float_dtype(e.dtype).is_some()).map(|(n, _)| n.clone()).collect()
+    }
+
+    fn tensor_info(&self, name: &str) -> Option<TensorInfo> {
+        let e = self.tensors.get(name)?;
+        float_dtype(e.dtype).map(|dtype| TensorInfo { shape: e.shape.clone(), dtype })
+    }
+
+    fn read_f32(&self, name: &str) -> lora_core::Result<ArrayD<f32>> {
+        Ok(self.tensor_f32(name)?)
+    }
+
+    fn read_f64(&self, name: &str) -> lora_core::Result<ArrayD<f64>> {
+        Ok(self.tensor_f64(name)?)
+    }
+}
+
+/// Undo the wrapping of our own error into lora-core's by the `TensorSource` impl.
+pub(crate) fn from_core(path: &Path, name: &str, e: lora_core::Error) -> Error {
+    match e {
+        lora_core::Error::Source { source, .. } => match source.downcast::<Error>() {
+            Ok(mine) => *mine,
+            Err(other) => Error::header(Location::tensor(path, name), other.to_string()),
+        },
+        other => Error::core(Location::tensor(path, name), other),
+    }
+}
+
+#[allow(unsafe_code)]
+fn map_file(file: &File) -> std::io::Result<Mmap> {
+    // SAFETY: the map is read-only. As with every memory-mapped reader, a process that truncates
+    // or rewrites the file while it is mapped can change what we read (or raise SIGBUS); this
+    // crate's own writers never modify a file in place (they write a new file and rename it).
+    unsafe { Mmap::map(file) }
+}
+
+fn float_dtype(d: Dtype) -> Option<DType> {
+    match d {
+        Dtype::F16 => Some(DType::F16),
+        Dtype::BF16 => Some(DType::BF16),
+        Dtype::F32 => Some(DType::F32),
+        Dtype::F64 => Some(DType::F64),
+        _ => None,
+    }
+}
+
+pub(crate) fn st_dtype(d: DType) -> Dtype {
+    match d {
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
+        DType::F32 => Dtype::F32,
+        DType::F64 => Dtype::F64,
+    }
+}
+
+fn dtype_name(d: Dtype) -> String {
+    serde_json::to_value(d).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_else(|| format!("{d:?}"))
+}
+
+fn decode_f32(d: Dtype, b: &[u8]) -> std::result::Result<Vec<f32>, ()> {
+    Ok(match d {
+        Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F64 => b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
+        _ => return Err(()),
+    })
+}
+
+fn decode_f64(d: Dtype, b: &[u8]) -> std::result::Result<Vec<f64>, ()> {
+    match d {
+        Dtype::F64 => Ok(b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()),
+        _ => Ok(decode_f32(d, b)?.into_iter().map(f64::from).collect()),
+    }
+}
+
+/// Turn the safetensors crate's error into one that names the file and, where it can be found,
+/// the tensor.
+fn describe(path: &Path, buffer: &[u8], e: SafeTensorError) -> Error {
+    let file = Location::file(path);
+    let n = u64::from_le_bytes(buffer[..8].try_into().expect("checked length >= 8"));
+    match e {
+        SafeTensorError::HeaderTooSmall => Error::header(file, "file is shorter than the 8-byte header length"),
+        SafeTensorError::HeaderTooLarge => {
+            Error::header(file, format!("header length {n} bytes is over the {MAX_HEADER}-byte limit"))
+        }
+        SafeTensorError::InvalidHeaderLength => Error::header(
+            file,
+            format!("header length {n} bytes runs past the end of the file ({} bytes)", buffer.len()),
+        ),
+        SafeTensorError::InvalidHeader(e) => Error::header(file, format!("header is not utf-8: {e}")),
+        SafeTensorError::InvalidHeaderDeserialization(e) => {
+            Error::header(file, format!("header is not a valid safetensors json header: {e}"))
+        }
+        SafeTensorError::InvalidOffset(name) => Error::header(
+            Location::tensor(path, name),
+            "data offsets overlap the previous tensor, leave a gap, or end before they start",
+        ),
+        other => match diagnose(buffer) {
+            Some((tensor, reason)) => Error::header(Location::tensor(path, tensor), reason),
+            None => Error::header(file, other.to_string()),
+        },
+    }
+}
+
+/// Find the tensor whose byte count disagrees with its shape and dtype, or that runs past the end
+/// of the file. Only called on a header the safetensors crate has already refused.
+fn diagnose(buffer: &[u8]) -> Option<(String, String)> {
+    let n = usize::try_from(u64::from_le_bytes(buffer.get(..8)?.try_into().ok()?)).ok()?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(buffer.get(8..8usize.checked_add(n)?)?).ok()?;
+    let data_len = buffer.len() - 8 - n;
+    let mut entries: Vec<(String, safetensors::tensor::TensorInfo)> = header
+        .into_iter()
+        .filter(|(k, _)| k != "__metadata__")
+        .filter_map(|(k, v)| serde_json::from_value(v).ok().map(|i| (k, i)))
+        .collect();
+    entries.sort_by_key(|(_, i)| i.data_offsets);
+    for (name, info) in &entries {
+        let (s, e) = info.data_offsets;
+        let bits = info
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|c| c.checked_mul(info.dtype.bitsize()));
+        let Some(bits) = bits else {
+            return Some((name.clone(), format!("shape {:?} overflows", info.shape)));
+        };
+        if bits % 8 != 0 || e.checked_sub(s) != Some(bits / 8) {
+            return Some((
+                name.clone(),
+                format!(
+                    "byte count {} (offsets {s}..{e}) disagrees with shape {:?} and dtype {} ({} bytes)",
+                    e.saturating_sub(s),
+                    info.shape,
+                    dtype_name(info.dtype),
+                    bits / 8
+                ),
+            ));
+        }
+        if e > data_len {
+            return Some((
+                name.clone(),
+                format!("data offsets {s}..{e} run past the end of the data ({data_len} bytes): truncated file or out-of-range offsets"),
+            ));
+        }
+    }
+    let end = entries.last().map_or(0, |(_, i)| i.data_offsets.1);
+    Some((
+        entries.last().map(|(n, _)| n.clone()).unwrap_or_default(),
+        format!("the last tensor ends at byte {end} of the data but the file holds {data_len} bytes of data"),
+    ))
+    .filter(|(n, _)| !n.is_empty())
+}
+
+/// One tensor a [`SafetensorsWriter`] will write: name, shape and stored dtype.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedTensor {
+    name: String,
+    shape: Vec<usize>,
+    dtype: Dtype,
+}
+
+impl PlannedTensor {
+    /// A float tensor to be written in `dtype`.
+    pub fn new(name: impl Into<String>, shape: &[usize], dtype: DType) -> Self {
+        PlannedTensor { name: name.into(), shape: shape.to_vec(), dtype: st_dtype(dtype) }
+    }
+
+    /// A tensor with the name, shape and dtype it has in `file` (of any dtype), for a raw copy.
+    pub fn like(file: &SafetensorsFile, name: &str) -> Option<Self> {
+        file.tensors.get(name).map(|e| PlannedTensor { name: name.into(), shape: e.shape.clone(), dtype: e.dtype })
+    }
+
+    /// The tensor's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The tensor's shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn byte_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.bitsize() / 8
+    }
+}
+
+/// Writes a safetensors file tensor by tensor, in the planned order, atomically: nothing appears
+/// at the path until [`SafetensorsWriter::finish`] succeeds.
+#[derive(Debug)]
+pub struct SafetensorsWriter {
+    file: AtomicFile,
+    plan: Vec<PlannedTensor>,
+    next: usize,
+}
+
+impl SafetensorsWriter {
+    /// Start a file with these tensors (in this order) and `__metadata__` (left out when empty).
+    pub fn create(
+        path: impl AsRef<Path>,
+        plan: Vec<PlannedTensor>,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        let mut header = serde_json::Map::new();
+        if !metadata.is_empty() {
+            header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings serialise"));
+        }
+        let mut offset = 0usize;
+        for t in &plan {
+            if t.name == "__metadata__" || header.contains_key(&t.name) {
+                return Err(Error::config(Location::tensor(path, &t.name), "duplicate or reserved tensor name"));
+            }
+            let end = offset + t.byte_len();
+            header.insert(
+                t.name.clone(),
+                serde_json::json!({ "dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, end] }),
+            );
+            offset = end;
+        }
+        let mut json = serde_json::to_vec(&header).expect("header serialises");
+        while json.len() % 8 != 0 {
+            json.push(b' ');
+        }
+        if json.len() as u64 > MAX_HEADER {
+            return Err(Error::header(Location::file(path), "header would be over the 100 MB limit"));
+        }
+        let mut file = AtomicFile::create(path)?;
+        file.write_all(&(json.len() as u64).to_le_bytes())?;
+        file.write_all(&json)?;
+        Ok(SafetensorsWriter { file, plan, next: 0 })
+    }
+
+    /// Write the next tensor from float values, converted to its planned dtype.
+    pub fn write<T: Scalar, D: Dimension>(&mut self, name: &str, tensor: &ArrayRef<T, D>) -> Result<()> {
+        let planned = self.expect(name)?;
+        if tensor.shape() != planned.shape.as_slice() {
+            return Err(Error::Shape {
+                at: Location::tensor(self.file.path(), name),
+                expected: format!("{:?}", planned.shape),
+                got: tensor.shape().to_vec(),
+            });
+        }
+        let dtype = planned.dtype;
+        let mut buf = Vec::with_capacity(CHUNK * 8);
+        let path = self.file.path().to_path_buf();
+        let unsupported = || Error::UnsupportedDType { at: Location::tensor(&path, name), dtype: dtype_name(dtype) };
+        if let Some(slice) = tensor.as_slice() {
+            // Contiguous row-major data: plain slices, no n-dimensional iterator.
+            for chunk in slice.chunks(CHUNK) {
+                encode(dtype, chunk, &mut buf).map_err(|()| unsupported())?;
+                self.file.write_all(&buf)?;
+            }
+        } else {
+            let mut it = tensor.iter().peekable();
+            while it.peek().is_some() {
+                let chunk: Vec<T> = it.by_ref().take(CHUNK).copied().collect();
+                encode(dtype, &chunk, &mut buf).map_err(|()| unsupported())?;
+                self.file.write_all(&buf)?;
+            }
+        }
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Write the next tensor's bytes as they are (little-endian, in the planned dtype).
+    pub fn write_raw(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        let planned = self.expect(name)?;
+        if bytes.len() != planned.byte_len() {
+            return Err(Error::header(
+                Location::tensor(self.file.path(), name),
+                format!("{} bytes given, shape and dtype need {}", bytes.len(), planned.byte_len()),
+            ));
+        }
+        self.file.write_all(bytes)?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Check that every planned tensor was written, then fsync and rename into place.
+    pub fn finish(self) -> Result<()> {
+        if let Some(t) = self.plan.get(self.next) {
+            return Err(Error::MissingPair {
+                at: Location::tensor(self.file.path(), &t.name),
+                missing: "data (the writer was finished before this planned tensor was written)".into(),
+            });
+        }
+        self.file.commit()
+    }
+
+    fn expect(&self, name: &str) -> Result<&PlannedTensor> {
+        match self.plan.get(self.next) {
+            Some(t) if t.name == name => Ok(t),
+            Some(t) => Err(Error::config(
+                Location::tensor(self.file.path(), name),
+                format!("tensors must be written in the planned order; expected {} next", t.name),
+            )),
+            None => Err(Error::config(Location::tensor(self.file.path(), name), "tensor was not planned")),
+        }
+    }
+}
+
+/// Elements encoded per write.
+const CHUNK: usize = 1 << 16;
+
+/// Encode values as little-endian `dtype`, rounding to nearest even. The dtype is matched once
+/// per chunk, not per element, and the output is filled in place (which the compiler
+/// vectorises); f32 inputs go to f16 / bf16 through the f32 conversions (exact widening, so the
+/// same result as from f64).
+pub(crate) fn encode<T: Scalar>(dtype: Dtype, values: &[T], out: &mut Vec<u8>) -> std::result::Result<(), ()> {
+    let is_f32 = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>();
+    let width = match dtype {
+        Dtype::F32 => 4,
+        Dtype::F64 => 8,
+        Dtype::F16 | Dtype::BF16 => 2,
+        _ => return Err(()),
+    };
+    out.resize(values.len() * width, 0);
+    let chunks = out.chunks_exact_mut(width).zip(values.iter());
+    match dtype {
+        Dtype::F32 => chunks.for_each(|(o, v)| o.copy_from_slice(&(v.as_f64() as f32).to_le_bytes())),
+        Dtype::F64 => chunks.for_each(|(o, v)| o.copy_from_slice(&v.as_f64().to_le_bytes())),
+        Dtype::F16 if is_f32 => {
+            chunks.for_each(|(o, v)| o.copy_from_slice(&f16::from_f32(v.as_f64() as f32).to_le_bytes()))
+        }
+        Dtype::F16 => chunks.for_each(|(o, v)| o.copy_from_slice(&f16::from_f64(v.as_f64()).to_le_bytes())),
+        Dtype::BF16 if is_f32 => {
+            chunks.for_each(|(o, v)| o.copy_from_slice(&bf16::from_f32(v.as_f64() as f32).to_le_bytes()))
+        }
+        _ => chunks.for_each(|(o, v)| o.copy_from_slice(&bf16::from_f64(v.as_f64()).to_le_bytes())),
+    }
+    Ok(())
+}
+
+/// Write float tensors (in this order) to a safetensors file in one dtype, atomically.
+pub fn write_safetensors<T: Scalar>(
+    path: impl AsRef<Path>,
+    tensors: &[(String, ArrayD<T>)],
+    dtype: DType,
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let plan = tensors.iter().map(|(n, t)| PlannedTensor::new(n.clone(), t.shape(), dtype)).collect();
+    let mut w = SafetensorsWriter::create(path, plan, metadata)?;
+    for (n, t) in tensors {
+        w.write(n, t)?;
+    }
+    w.finish()
+}
