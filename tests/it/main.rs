@@ -3,3 +3,4 @@
 mod io_fixtures;
 mod release;
 mod tidy;
+mod train_model;

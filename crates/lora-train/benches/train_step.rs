@@ -1,0 +1,102 @@
+//! Training-step throughput (forward + backward to every LoRA factor, and forward alone) in
+//! tokens per second, on the configs of issue 6: the bench config (hidden 512, intermediate 1376,
+//! 8 layers, 8 heads, 4 kv heads, vocab 8192, sequence 256, batch 8, LoRA r = 16 on all linear
+//! layers) and a tiny one (hidden 128, 2 layers, sequence 64). The PyTorch + PEFT counterpart is
+//! `train_step_torch.py` beside this file; figures live in docs/benchmarks.md.
+//!
+//! `LORA_BENCH_THREADS` sets the rayon pool (default 2); OpenBLAS threads are set by
+//! `OPENBLAS_NUM_THREADS`. `LORA_BENCH_ONLY=tiny|bench` runs one config.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use lora_core::{DType, Init, MemorySource, TargetModules};
+use lora_train::{Batch, LoraConfig, Model, ModelConfig, Parallelism, StepOptions};
+use ndarray::{Array, Array2};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+struct Case {
+    name: &'static str,
+    config: &'static str,
+    batch: usize,
+    seq: usize,
+}
+
+const CASES: [Case; 2] = [
+    Case {
+        name: "bench",
+        config: r#"{"model_type": "llama", "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
+            "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 8192}"#,
+        batch: 8,
+        seq: 256,
+    },
+    Case {
+        name: "tiny",
+        config: r#"{"model_type": "llama", "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 8192}"#,
+        batch: 8,
+        seq: 64,
+    },
+];
+
+fn random_model(config: &ModelConfig, threads: usize) -> Model<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut src = MemorySource::new();
+    let mut put = |name: String, shape: &[usize], centre: f64, spread: f64| {
+        let t = Array::from_shape_simple_fn(shape, || centre + spread * (rng.random::<f64>() * 2.0 - 1.0));
+        src.insert(name, t, DType::F32);
+    };
+    let (h, i) = (config.hidden_size, config.intermediate_size);
+    put("model.embed_tokens.weight".into(), &[config.vocab_size, h], 0.0, 0.04);
+    put("lm_head.weight".into(), &[config.vocab_size, h], 0.0, 0.04);
+    put("model.norm.weight".into(), &[h], 1.0, 0.0);
+    for l in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        put(format!("{p}.input_layernorm.weight"), &[h], 1.0, 0.0);
+        put(format!("{p}.post_attention_layernorm.weight"), &[h], 1.0, 0.0);
+        for (m, d_out, d_in) in [
+            ("self_attn.q_proj", config.q_dim(), h),
+            ("self_attn.k_proj", config.kv_dim(), h),
+            ("self_attn.v_proj", config.kv_dim(), h),
+            ("self_attn.o_proj", h, config.q_dim()),
+            ("mlp.gate_proj", i, h),
+            ("mlp.up_proj", i, h),
+            ("mlp.down_proj", h, i),
+        ] {
+            put(format!("{p}.{m}.weight"), &[d_out, d_in], 0.0, 0.04);
+        }
+    }
+    let mut model = Model::from_source(config.clone(), &src).expect("consistent weights");
+    drop(src);
+    let mut lora = LoraConfig::new(16, 32.0, TargetModules::AllLinear);
+    lora.init = Init::Random { b_std: 0.01 };
+    model.add_lora(&lora).expect("all-linear matches");
+    model.with_parallelism(Parallelism::Threads(threads)).expect("thread pool")
+}
+
+fn bench(c: &mut Criterion) {
+    let threads = std::env::var("LORA_BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let only = std::env::var("LORA_BENCH_ONLY").ok();
+    for case in CASES.iter().filter(|c| only.as_deref().is_none_or(|o| o == c.name)) {
+        let config = ModelConfig::from_json(case.config, case.name).expect("valid config");
+        let model = random_model(&config, threads);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let ids = Array2::from_shape_simple_fn((case.batch, case.seq), || rng.random_range(0..config.vocab_size as u32));
+        let batch = Batch::new(ids).expect("non-empty");
+        let mut group = c.benchmark_group(format!("train_step/{}", case.name));
+        group.throughput(Throughput::Elements((case.batch * case.seq) as u64));
+        group.sample_size(10).warm_up_time(Duration::from_secs(3)).measurement_time(Duration::from_secs(20));
+        group.bench_function("forward_backward", |b| {
+            b.iter(|| model.loss_and_grads(&batch, StepOptions::default()).expect("step"))
+        });
+        group.bench_function("forward_backward_checkpointing", |b| {
+            b.iter(|| model.loss_and_grads(&batch, StepOptions { checkpointing: true, dropout_seed: 0 }).expect("step"))
+        });
+        group.bench_function("forward", |b| b.iter(|| model.loss(&batch).expect("forward")));
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

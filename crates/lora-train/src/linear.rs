@@ -1,0 +1,166 @@
+//! A frozen linear layer with an optional trainable LoRA branch (and LoRA dropout), forward and
+//! backward.
+
+use lora_core::{LoraLayer, Scalar, Scaling};
+use ndarray::linalg::general_mat_mul;
+use ndarray::{s, Array1, Array2, Zip};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::parallel::{gemm, Par};
+
+/// The trainable factors of one LoRA branch.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct LoraParams<T> {
+    pub(crate) a: Array2<T>,
+    pub(crate) b: Array2<T>,
+    pub(crate) alpha: f64,
+    pub(crate) scaling: Scaling,
+    pub(crate) dropout: f64,
+}
+
+impl<T: Scalar> LoraParams<T> {
+    pub(crate) fn from_layer(layer: &LoraLayer<T>, dropout: f64) -> Self {
+        LoraParams {
+            a: layer.a().clone(),
+            b: layer.b().clone(),
+            alpha: layer.alpha(),
+            scaling: layer.scaling(),
+            dropout,
+        }
+    }
+
+    pub(crate) fn scale(&self) -> T {
+        T::from_f64(self.scaling.scale(self.alpha, self.a.nrows()))
+    }
+
+    pub(crate) fn to_layer(&self) -> lora_core::Result<LoraLayer<T>> {
+        LoraLayer::new(self.a.clone(), self.b.clone(), self.alpha, self.scaling)
+    }
+}
+
+/// y = x Wᵀ + bias + s (dropout(x) Aᵀ) Bᵀ, W stored (d_out, d_in) and frozen.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Linear<T> {
+    pub(crate) weight: Array2<T>,
+    pub(crate) bias: Option<Array1<T>>,
+    pub(crate) lora: Option<LoraParams<T>>,
+}
+
+/// What the backward pass of a [`Linear`] needs besides its input: the LoRA branch's
+/// dropout mask (scaled by 1 / (1 - p)) and x Aᵀ.
+#[derive(Debug)]
+pub(crate) struct LinearCache<T> {
+    mask: Option<Array2<T>>,
+    xa: Option<Array2<T>>,
+}
+
+/// The gradient of the loss for the two factors of one LoRA module.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraGrad<T> {
+    /// d loss / d A, shape (r, d_in).
+    pub a: Array2<T>,
+    /// d loss / d B, shape (d_out, r).
+    pub b: Array2<T>,
+}
+
+impl<T: Scalar> Linear<T> {
+    pub(crate) fn d_in(&self) -> usize {
+        self.weight.ncols()
+    }
+
+    pub(crate) fn d_out(&self) -> usize {
+        self.weight.nrows()
+    }
+
+    /// The forward pass. `dropout_seed` is given in training: the LoRA dropout mask is drawn
+    /// from it (so a recomputation draws the same mask). The small LoRA product is computed
+    /// first and the base product accumulates into it, so B = 0 adds exactly nothing.
+    pub(crate) fn forward(&self, x: &Array2<T>, dropout_seed: Option<u64>, par: &Par) -> (Array2<T>, LinearCache<T>) {
+        let mut y = match &self.bias {
+            Some(bias) => bias.broadcast((x.nrows(), self.d_out())).expect("bias length checked on load").to_owned(),
+            None => Array2::zeros((x.nrows(), self.d_out())),
+        };
+        let mut cache = LinearCache { mask: None, xa: None };
+        if let Some(lora) = &self.lora {
+            let mask = match dropout_seed {
+                Some(seed) if lora.dropout > 0.0 => Some(dropout_mask(x.raw_dim(), lora.dropout, seed)),
+                _ => None,
+            };
+            let mut xa = Array2::zeros((x.nrows(), lora.a.nrows()));
+            match &mask {
+                Some(m) => gemm(par, T::one(), &(x * m), &lora.a.t(), T::zero(), &mut xa),
+                None => gemm(par, T::one(), x, &lora.a.t(), T::zero(), &mut xa),
+            }
+            cache = LinearCache { mask, xa: Some(xa) };
+        }
+        let (xa, lora) = (cache.xa.as_ref(), self.lora.as_ref());
+        par.row_chunks(&mut y, |first, mut chunk| {
+            let rows = first..first + chunk.nrows();
+            if let (Some(xa), Some(lora)) = (xa, lora) {
+                general_mat_mul(lora.scale(), &xa.slice(s![rows.clone(), ..]), &lora.b.t(), T::one(), &mut chunk);
+            }
+            general_mat_mul(T::one(), &x.slice(s![rows, ..]), &self.weight.t(), T::one(), &mut chunk);
+        });
+        (y, cache)
+    }
+
+    /// The backward pass: adds dy W (+ the LoRA branch's input gradient) into `dx` (or writes
+    /// it when `accumulate` is false) and returns the LoRA gradients.
+    pub(crate) fn backward(
+        &self,
+        dy: &Array2<T>,
+        x: &Array2<T>,
+        cache: &LinearCache<T>,
+        dx: &mut Array2<T>,
+        accumulate: bool,
+        par: &Par,
+    ) -> Option<LoraGrad<T>> {
+        let beta = if accumulate { T::one() } else { T::zero() };
+        let Some(lora) = self.lora.as_ref() else {
+            gemm(par, T::one(), dy, &self.weight, beta, dx);
+            return None;
+        };
+        let s = lora.scale();
+        let mut gb = Array2::zeros((dy.nrows(), lora.b.ncols())); // dy B, (n, r)
+        gemm(par, T::one(), dy, &lora.b, T::zero(), &mut gb);
+        par.row_chunks(dx, |first, mut chunk| {
+            let rows = first..first + chunk.nrows();
+            general_mat_mul(T::one(), &dy.slice(s![rows.clone(), ..]), &self.weight, beta, &mut chunk);
+            let gb = gb.slice(s![rows.clone(), ..]);
+            match &cache.mask {
+                None => general_mat_mul(s, &gb, &lora.a, T::one(), &mut chunk),
+                Some(mask) => {
+                    let mut branch = gb.dot(&lora.a);
+                    Zip::from(&mut branch).and(mask.slice(s![rows, ..])).for_each(|v, &m| *v = *v * m * s);
+                    chunk += &branch;
+                }
+            }
+        });
+        let xa = cache.xa.as_ref().expect("the forward pass keeps x Aᵀ when there is a LoRA branch");
+        let mut db = Array2::zeros(lora.b.raw_dim());
+        general_mat_mul(s, &dy.t(), xa, T::zero(), &mut db);
+        let mut da = Array2::zeros(lora.a.raw_dim());
+        match &cache.mask {
+            None => general_mat_mul(s, &gb.t(), x, T::zero(), &mut da),
+            Some(mask) => general_mat_mul(s, &gb.t(), &(x * mask), T::zero(), &mut da),
+        }
+        Some(LoraGrad { a: da, b: db })
+    }
+
+    /// W + s B A with the LoRA branch removed.
+    pub(crate) fn merged(&self) -> Self {
+        let mut weight = self.weight.clone();
+        if let Some(lora) = &self.lora {
+            general_mat_mul(lora.scale(), &lora.b, &lora.a, T::one(), &mut weight);
+        }
+        Linear { weight, bias: self.bias.clone(), lora: None }
+    }
+}
+
+/// Inverted dropout: each entry 0 with probability p, else 1 / (1 - p).
+fn dropout_mask<T: Scalar>(dim: ndarray::Ix2, p: f64, seed: u64) -> Array2<T> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let keep = T::from_f64(1.0 / (1.0 - p));
+    Array2::from_shape_simple_fn(dim, || if rng.random::<f64>() < p { T::zero() } else { keep })
+}

@@ -1,0 +1,518 @@
+//! The decoder: weights, batches, the forward pass, the loss and the hand-written backward pass
+//! of the loss to every LoRA factor, with optional gradient checkpointing.
+
+use indexmap::IndexMap;
+use lora_core::{Scalar, TensorSource};
+use ndarray::{Array1, Array2, Array3, ArrayD, ArrayView1, ArrayViewMut2, Axis, Ix1, Ix2};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::linear::{Linear, LinearCache, LoraGrad};
+use crate::ops::{self, AttnDims, Rope};
+use crate::parallel::{gemm, Par, Parallelism};
+
+/// Labels equal to this value do not count in the loss (PyTorch's and transformers' -100).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// The seven linear layers of a decoder layer that LoRA can adapt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proj {
+    /// `self_attn.q_proj`.
+    Q,
+    /// `self_attn.k_proj`.
+    K,
+    /// `self_attn.v_proj`.
+    V,
+    /// `self_attn.o_proj`.
+    O,
+    /// `mlp.gate_proj`.
+    Gate,
+    /// `mlp.up_proj`.
+    Up,
+    /// `mlp.down_proj`.
+    Down,
+}
+
+impl Proj {
+    /// All seven, in the order of the layer's forward pass.
+    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+
+    /// The module's own name (`q_proj`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Proj::Q => "q_proj",
+            Proj::K => "k_proj",
+            Proj::V => "v_proj",
+            Proj::O => "o_proj",
+            Proj::Gate => "gate_proj",
+            Proj::Up => "up_proj",
+            Proj::Down => "down_proj",
+        }
+    }
+
+    /// The module path in layer `layer`, as transformers and PEFT name it
+    /// (`model.layers.0.self_attn.q_proj`).
+    pub fn module_path(self, layer: usize) -> String {
+        let parent = match self {
+            Proj::Q | Proj::K | Proj::V | Proj::O => "self_attn",
+            Proj::Gate | Proj::Up | Proj::Down => "mlp",
+        };
+        format!("model.layers.{layer}.{parent}.{}", self.name())
+    }
+
+    /// The layer and projection of a module path, if it names one.
+    pub fn parse_path(path: &str) -> Option<(usize, Proj)> {
+        let (layer, _) = path.strip_prefix("model.layers.")?.split_once('.')?;
+        let layer = layer.parse().ok()?;
+        Proj::ALL.into_iter().find(|p| p.module_path(layer) == path).map(|p| (layer, p))
+    }
+}
+
+/// A batch of sequences of equal length: token ids, an optional padding mask and the labels of
+/// the loss.
+///
+/// Position t of a sequence predicts label t + 1 (the shift transformers does inside its loss).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    input_ids: Array2<u32>,
+    keep: Option<Array2<bool>>,
+    labels: Array2<i64>,
+}
+
+impl Batch {
+    /// A batch whose labels are its input ids, with no padding (`model(input_ids=x, labels=x)`).
+    pub fn new(input_ids: Array2<u32>) -> Result<Self> {
+        if input_ids.is_empty() {
+            return Err(Error::Input(format!("empty batch of shape {:?}", input_ids.shape())));
+        }
+        let labels = input_ids.mapv(i64::from);
+        Ok(Batch { input_ids, keep: None, labels })
+    }
+
+    /// Add transformers' `attention_mask` (true or 1: a real token; false or 0: padding, which no
+    /// query attends to). Labels are not changed: mask padded labels with [`IGNORE_INDEX`].
+    pub fn with_attention_mask(mut self, mask: Array2<bool>) -> Result<Self> {
+        if mask.shape() != self.input_ids.shape() {
+            return Err(Error::Input(format!(
+                "attention mask shape {:?} differs from input ids shape {:?}",
+                mask.shape(),
+                self.input_ids.shape()
+            )));
+        }
+        self.keep = Some(mask);
+        Ok(self)
+    }
+
+    /// Replace the labels (same shape as the ids; [`IGNORE_INDEX`] where nothing is predicted).
+    pub fn with_labels(mut self, labels: Array2<i64>) -> Result<Self> {
+        if labels.shape() != self.input_ids.shape() {
+            return Err(Error::Input(format!(
+                "labels shape {:?} differs from input ids shape {:?}",
+                labels.shape(),
+                self.input_ids.shape()
+            )));
+        }
+        self.labels = labels;
+        Ok(self)
+    }
+
+    /// The token ids, (sequences, positions).
+    pub fn input_ids(&self) -> &Array2<u32> {
+        &self.input_ids
+    }
+
+    /// The labels.
+    pub fn labels(&self) -> &Array2<i64> {
+        &self.labels
+    }
+
+    /// Number of predictions that count in the loss.
+    pub fn predictions(&self) -> usize {
+        self.labels.rows().into_iter().map(|row| row.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()).sum()
+    }
+
+    fn sequences(&self) -> usize {
+        self.input_ids.nrows()
+    }
+
+    fn seq_len(&self) -> usize {
+        self.input_ids.ncols()
+    }
+}
+
+/// A summed loss: the sum of the cross-entropies and how many predictions it holds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Loss {
+    /// Sum of the cross-entropies, in f64.
+    pub sum: f64,
+    /// Number of predictions.
+    pub count: usize,
+}
+
+impl Loss {
+    /// The mean cross-entropy (what transformers reports as `loss`).
+    pub fn mean(&self) -> f64 {
+        self.sum / self.count as f64
+    }
+}
+
+/// Gradients of the mean loss for every LoRA module, by module path.
+pub type LoraGrads<T> = IndexMap<String, LoraGrad<T>>;
+
+/// Options of a training forward + backward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StepOptions {
+    /// Keep only each layer's input during the forward pass and recompute the layer's
+    /// activations in the backward pass: activation memory drops from about a layer's worth of
+    /// activations per layer to one residual-stream matrix per layer, for one more forward pass.
+    pub checkpointing: bool,
+    /// Seed of the LoRA dropout masks of this step (each module draws its own mask from it).
+    pub dropout_seed: u64,
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Block<T> {
+    pub(crate) input_norm: Array1<T>,
+    pub(crate) post_norm: Array1<T>,
+    /// Indexed by [`Proj`] as usize.
+    pub(crate) linears: Vec<Linear<T>>,
+}
+
+/// What a layer's backward pass needs from its forward pass.
+#[derive(Debug)]
+struct BlockCache<T> {
+    x1: Array2<T>,
+    rstd1: Array1<T>,
+    q: Array2<T>,
+    k: Array2<T>,
+    v: Array2<T>,
+    probs: Vec<Array2<T>>,
+    o: Array2<T>,
+    h2: Array2<T>,
+    x2: Array2<T>,
+    rstd2: Array1<T>,
+    g: Array2<T>,
+    u: Array2<T>,
+    act: Array2<T>,
+    lin: Vec<LinearCache<T>>,
+}
+
+/// Everything shared by the layers of one pass.
+struct Ctx<'a, T> {
+    dims: AttnDims,
+    rope: &'a Rope<T>,
+    keep: Option<&'a Array2<bool>>,
+    dropout_seed: Option<u64>,
+    eps: f64,
+    par: &'a Par,
+}
+
+impl<T: Scalar> Block<T> {
+    fn lin(&self, p: Proj) -> &Linear<T> {
+        &self.linears[p as usize]
+    }
+
+    fn forward(&self, h: &Array2<T>, layer: usize, ctx: &Ctx<'_, T>, keep_cache: bool) -> (Array2<T>, Option<BlockCache<T>>) {
+        let seed = |p: Proj| ctx.dropout_seed.map(|s| mix(s, layer, p));
+        let (x1, rstd1) = ops::rms_norm(h, &self.input_norm, ctx.eps, ctx.par);
+        let (mut q, cq) = self.lin(Proj::Q).forward(&x1, seed(Proj::Q), ctx.par);
+        let (mut k, ck) = self.lin(Proj::K).forward(&x1, seed(Proj::K), ctx.par);
+        let (v, cv) = self.lin(Proj::V).forward(&x1, seed(Proj::V), ctx.par);
+        ctx.rope.apply(&mut q, ctx.dims.seq, ctx.dims.head_dim, false);
+        ctx.rope.apply(&mut k, ctx.dims.seq, ctx.dims.head_dim, false);
+        let (o, probs) = ops::attention(&q, &k, &v, ctx.dims, ctx.keep, ctx.par);
+        let (attn, co) = self.lin(Proj::O).forward(&o, seed(Proj::O), ctx.par);
+        let h2 = h + &attn;
+        drop(attn);
+        let (x2, rstd2) = ops::rms_norm(&h2, &self.post_norm, ctx.eps, ctx.par);
+        let (g, cg) = self.lin(Proj::Gate).forward(&x2, seed(Proj::Gate), ctx.par);
+        let (u, cu) = self.lin(Proj::Up).forward(&x2, seed(Proj::Up), ctx.par);
+        let act = ops::swiglu(&g, &u, ctx.par);
+        let (mlp, cd) = self.lin(Proj::Down).forward(&act, seed(Proj::Down), ctx.par);
+        let out = &h2 + &mlp;
+        let cache = keep_cache.then(|| BlockCache {
+            x1,
+            rstd1,
+            q,
+            k,
+            v,
+            probs,
+            o,
+            h2,
+            x2,
+            rstd2,
+            g,
+            u,
+            act,
+            lin: vec![cq, ck, cv, co, cg, cu, cd],
+        });
+        (out, cache)
+    }
+
+    /// The gradient of the layer's input from its output's, pushing LoRA gradients into `grads`
+    /// (indexed by [`Proj`]).
+    fn backward(
+        &self,
+        h: &Array2<T>,
+        c: &BlockCache<T>,
+        dh: &Array2<T>,
+        ctx: &Ctx<'_, T>,
+        grads: &mut [Option<LoraGrad<T>>],
+    ) -> Array2<T> {
+        let n = h.nrows();
+        // MLP: out = h2 + down(silu(gate(x2)) * up(x2)), x2 = norm(h2)
+        let mut dact = Array2::zeros(c.act.raw_dim());
+        grads[Proj::Down as usize] = self.lin(Proj::Down).backward(dh, &c.act, &c.lin[Proj::Down as usize], &mut dact, false, ctx.par);
+        let (dg, du) = ops::swiglu_backward(&dact, &c.g, &c.u, ctx.par);
+        drop(dact);
+        let mut dx2 = Array2::zeros((n, h.ncols()));
+        grads[Proj::Gate as usize] = self.lin(Proj::Gate).backward(&dg, &c.x2, &c.lin[Proj::Gate as usize], &mut dx2, false, ctx.par);
+        grads[Proj::Up as usize] = self.lin(Proj::Up).backward(&du, &c.x2, &c.lin[Proj::Up as usize], &mut dx2, true, ctx.par);
+        let mut dh2 = ops::rms_norm_backward(&dx2, &c.h2, &self.post_norm, &c.rstd2, ctx.par);
+        dh2 += dh;
+        // attention: h2 = h + o_proj(attn(rope(q(x1)), rope(k(x1)), v(x1))), x1 = norm(h)
+        let mut d_o = Array2::zeros(c.o.raw_dim());
+        grads[Proj::O as usize] = self.lin(Proj::O).backward(&dh2, &c.o, &c.lin[Proj::O as usize], &mut d_o, false, ctx.par);
+        let (mut dq, mut dk, dv) = ops::attention_backward(&d_o, &c.q, &c.k, &c.v, &c.probs, ctx.dims, ctx.keep, ctx.par);
+        ctx.rope.apply(&mut dq, ctx.dims.seq, ctx.dims.head_dim, true);
+        ctx.rope.apply(&mut dk, ctx.dims.seq, ctx.dims.head_dim, true);
+        let mut dx1 = Array2::zeros((n, h.ncols()));
+        grads[Proj::Q as usize] = self.lin(Proj::Q).backward(&dq, &c.x1, &c.lin[Proj::Q as usize], &mut dx1, false, ctx.par);
+        grads[Proj::K as usize] = self.lin(Proj::K).backward(&dk, &c.x1, &c.lin[Proj::K as usize], &mut dx1, true, ctx.par);
+        grads[Proj::V as usize] = self.lin(Proj::V).backward(&dv, &c.x1, &c.lin[Proj::V as usize], &mut dx1, true, ctx.par);
+        let mut dh_in = ops::rms_norm_backward(&dx1, h, &self.input_norm, &c.rstd1, ctx.par);
+        dh_in += &dh2;
+        dh_in
+    }
+}
+
+/// The dropout seed of one module in one step (splitmix64 of the step seed, layer and module).
+pub(crate) fn mix(seed: u64, layer: usize, p: Proj) -> u64 {
+    let mut z = seed ^ ((layer as u64) << 8 | p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A Llama-family causal language model with frozen weights in `T` and optional LoRA branches
+/// on its linear layers.
+#[derive(Debug, Clone)]
+pub struct Model<T> {
+    pub(crate) config: ModelConfig,
+    pub(crate) embed: Array2<T>,
+    pub(crate) blocks: Vec<Block<T>>,
+    pub(crate) norm: Array1<T>,
+    /// None when tied to the embedding table.
+    pub(crate) lm_head: Option<Array2<T>>,
+    pub(crate) par: Par,
+}
+
+fn read_tensor<T: Scalar, S: TensorSource + ?Sized>(source: &S, name: &str, shape: &[usize]) -> Result<ArrayD<T>> {
+    let info = source.tensor_info(name).ok_or_else(|| lora_core::Error::TensorNotFound { name: name.into() })?;
+    if info.shape != shape {
+        return Err(Error::WeightShape { tensor: name.into(), expected: shape.to_vec(), got: info.shape });
+    }
+    let t = T::read_from(source, name)?;
+    if t.shape() != shape {
+        return Err(Error::WeightShape { tensor: name.into(), expected: shape.to_vec(), got: t.shape().to_vec() });
+    }
+    if let Some(flat) = t.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Input(format!("tensor {name} holds a non-finite value at flat index {flat}")));
+    }
+    Ok(t)
+}
+
+fn read2<T: Scalar, S: TensorSource + ?Sized>(source: &S, name: &str, rows: usize, cols: usize) -> Result<Array2<T>> {
+    Ok(read_tensor(source, name, &[rows, cols])?.into_dimensionality::<Ix2>().expect("shape checked"))
+}
+
+fn read1<T: Scalar, S: TensorSource + ?Sized>(source: &S, name: &str, len: usize) -> Result<Array1<T>> {
+    Ok(read_tensor(source, name, &[len])?.into_dimensionality::<Ix1>().expect("shape checked"))
+}
+
+impl<T: Scalar> Model<T> {
+    /// Load the weights named as in a transformers checkpoint (`model.embed_tokens.weight`,
+    /// `model.layers.0.self_attn.q_proj.weight`, ...) from `source`, converted to `T`.
+    /// Missing tensors, wrong shapes and non-finite values are errors naming the tensor.
+    pub fn from_source<S: TensorSource + ?Sized>(config: ModelConfig, source: &S) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let (h, i, qd, kvd) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+        let embed = read2(source, "model.embed_tokens.weight", c.vocab_size, h)?;
+        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let mut linears = Vec::with_capacity(7);
+            for p in Proj::ALL {
+                let (d_out, d_in, bias) = match p {
+                    Proj::Q => (qd, h, c.qkv_bias),
+                    Proj::K | Proj::V => (kvd, h, c.qkv_bias),
+                    Proj::O => (h, qd, c.o_bias),
+                    Proj::Gate | Proj::Up => (i, h, c.mlp_bias),
+                    Proj::Down => (h, i, c.mlp_bias),
+                };
+                let path = p.module_path(l);
+                let weight = read2(source, &format!("{path}.weight"), d_out, d_in)?;
+                let bias = if bias { Some(read1(source, &format!("{path}.bias"), d_out)?) } else { None };
+                linears.push(Linear { weight, bias, lora: None });
+            }
+            blocks.push(Block {
+                input_norm: read1(source, &format!("model.layers.{l}.input_layernorm.weight"), h)?,
+                post_norm: read1(source, &format!("model.layers.{l}.post_attention_layernorm.weight"), h)?,
+                linears,
+            });
+        }
+        let norm = read1(source, "model.norm.weight", h)?;
+        let lm_head = if c.tie_word_embeddings { None } else { Some(read2(source, "lm_head.weight", c.vocab_size, h)?) };
+        Ok(Model { config, embed, blocks, norm, lm_head, par: Par::default() })
+    }
+
+    /// The same model running on `parallelism` (a new rayon pool for [`Parallelism::Threads`]).
+    pub fn with_parallelism(mut self, parallelism: Parallelism) -> Result<Self> {
+        self.par = Par::new(parallelism)?;
+        Ok(self)
+    }
+
+    /// The config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn lm_head(&self) -> &Array2<T> {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    fn check(&self, batch: &Batch) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        if let Some(((b, t), &id)) = batch.input_ids.indexed_iter().find(|(_, &id)| id as usize >= vocab) {
+            return Err(Error::Input(format!("token id {id} at ({b}, {t}) is outside the vocabulary of {vocab}")));
+        }
+        if let Some(((b, t), &l)) =
+            batch.labels.indexed_iter().find(|(_, &l)| l != IGNORE_INDEX && !(0..vocab as i64).contains(&l))
+        {
+            return Err(Error::Input(format!("label {l} at ({b}, {t}) is outside the vocabulary of {vocab}")));
+        }
+        if let Some(w) = self.config.sliding_window.filter(|&w| batch.seq_len() > w) {
+            return Err(Error::Unsupported {
+                file: "config.json".into(),
+                what: format!("sliding_window {w} shorter than the sequence length {}", batch.seq_len()),
+            });
+        }
+        Ok(())
+    }
+
+    fn dims(&self, batch: &Batch) -> AttnDims {
+        AttnDims {
+            batch: batch.sequences(),
+            seq: batch.seq_len(),
+            heads: self.config.num_attention_heads,
+            kv_heads: self.config.num_key_value_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    fn embed(&self, batch: &Batch) -> Array2<T> {
+        let ids: Vec<usize> = batch.input_ids.iter().map(|&id| id as usize).collect();
+        self.embed.select(Axis(0), &ids)
+    }
+
+    fn ctx<'a>(&'a self, batch: &'a Batch, rope: &'a Rope<T>, dropout_seed: Option<u64>) -> Ctx<'a, T> {
+        Ctx {
+            dims: self.dims(batch),
+            rope,
+            keep: batch.keep.as_ref(),
+            dropout_seed,
+            eps: self.config.rms_norm_eps,
+            par: &self.par,
+        }
+    }
+
+    /// Final norm and output head: logits (rows, vocab) and what their backward pass needs.
+    fn head(&self, h: &Array2<T>) -> (Array2<T>, Array2<T>, Array1<T>) {
+        let (xf, rstd) = ops::rms_norm(h, &self.norm, self.config.rms_norm_eps, &self.par);
+        let mut logits = Array2::zeros((h.nrows(), self.config.vocab_size));
+        gemm(&self.par, T::one(), &xf, &self.lm_head().t(), T::zero(), &mut logits);
+        (logits, xf, rstd)
+    }
+
+    /// Logits (sequences, positions, vocab), no dropout.
+    pub fn logits(&self, batch: &Batch) -> Result<Array3<T>> {
+        self.check(batch)?;
+        let rope = Rope::new(batch.seq_len(), self.config.head_dim, self.config.rope_theta);
+        let logits = self.par.install(|| {
+            let ctx = self.ctx(batch, &rope, None);
+            let mut h = self.embed(batch);
+            for (l, block) in self.blocks.iter().enumerate() {
+                h = block.forward(&h, l, &ctx, false).0;
+            }
+            self.head(&h).0
+        });
+        let (b, t) = (batch.sequences(), batch.seq_len());
+        Ok(logits.into_shape_with_order((b, t, self.config.vocab_size)).expect("rows are sequences x positions"))
+    }
+
+    /// The summed next-token cross-entropy of the batch, no dropout.
+    pub fn loss(&self, batch: &Batch) -> Result<Loss> {
+        let logits = self.logits(batch)?;
+        let (b, t, v) = logits.dim();
+        let mut logits = logits.into_shape_with_order((b * t, v)).expect("contiguous");
+        Ok(self.par.install(|| self.cross_entropy(&mut logits, batch, None)))
+    }
+
+    fn cross_entropy(&self, logits: &mut Array2<T>, batch: &Batch, grad: Option<T>) -> Loss {
+        let chunks: Vec<(ArrayViewMut2<'_, T>, ArrayView1<'_, i64>)> =
+            logits.axis_chunks_iter_mut(Axis(0), batch.seq_len()).zip(batch.labels.rows()).collect();
+        let parts = self.par.map_vec(chunks, |(mut rows, labels)| ops::cross_entropy_rows(&mut rows, labels, grad));
+        parts.into_iter().fold(Loss { sum: 0.0, count: 0 }, |acc, (s, c)| Loss { sum: acc.sum + s, count: acc.count + c })
+    }
+
+    /// The mean loss of the batch and its gradient for every LoRA factor (LoRA dropout active,
+    /// drawn from `options.dropout_seed`).
+    pub fn loss_and_grads(&self, batch: &Batch, options: StepOptions) -> Result<(Loss, LoraGrads<T>)> {
+        self.check(batch)?;
+        let count = batch.predictions();
+        if count == 0 {
+            return Err(Error::Input("no label to predict: every label is ignored".into()));
+        }
+        let rope = Rope::new(batch.seq_len(), self.config.head_dim, self.config.rope_theta);
+        let (loss, grads) = self.par.install(|| {
+            let ctx = self.ctx(batch, &rope, Some(options.dropout_seed));
+            let mut inputs = Vec::with_capacity(self.blocks.len());
+            let mut caches = Vec::with_capacity(self.blocks.len());
+            let mut h = self.embed(batch);
+            for (l, block) in self.blocks.iter().enumerate() {
+                let (out, cache) = block.forward(&h, l, &ctx, !options.checkpointing);
+                inputs.push(h);
+                caches.push(cache);
+                h = out;
+            }
+            let (mut logits, xf, rstd) = self.head(&h);
+            drop(xf);
+            let loss = self.cross_entropy(&mut logits, batch, Some(T::from_f64(1.0 / count as f64)));
+            let mut dxf = Array2::zeros(h.raw_dim());
+            gemm(&self.par, T::one(), &logits, self.lm_head(), T::zero(), &mut dxf);
+            drop(logits);
+            let mut dh = ops::rms_norm_backward(&dxf, &h, &self.norm, &rstd, &self.par);
+            let mut grads = IndexMap::new();
+            let mut layer_grads: Vec<Vec<Option<LoraGrad<T>>>> = Vec::with_capacity(self.blocks.len());
+            for (l, block) in self.blocks.iter().enumerate().rev() {
+                let cache = match caches[l].take() {
+                    Some(c) => c,
+                    None => block.forward(&inputs[l], l, &ctx, true).1.expect("asked for the cache"),
+                };
+                let mut g = vec![None; 7];
+                dh = block.backward(&inputs[l], &cache, &dh, &ctx, &mut g);
+                layer_grads.push(g);
+            }
+            for (l, g) in layer_grads.into_iter().rev().enumerate() {
+                for (p, grad) in Proj::ALL.into_iter().zip(g) {
+                    if let Some(grad) = grad {
+                        grads.insert(p.module_path(l), grad);
+                    }
+                }
+            }
+            (loss, grads)
+        });
+        Ok((loss, grads))
+    }
+}

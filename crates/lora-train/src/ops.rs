@@ -1,0 +1,291 @@
+//! The building blocks of the decoder and their hand-written backward passes: RMSNorm, rotary
+//! embeddings, SwiGLU, causal attention with grouped-query heads and a padding mask, and
+//! cross-entropy. Activations are (rows, features) matrices with rows = sequences x positions.
+
+use lora_core::Scalar;
+use ndarray::linalg::general_mat_mul;
+use ndarray::{s, Array1, Array2, ArrayView2, Axis, Zip};
+
+use crate::parallel::Par;
+
+/// y = w ⊙ x / sqrt(mean(x²) + eps) per row; also returns 1 / sqrt(mean(x²) + eps) per row.
+pub(crate) fn rms_norm<T: Scalar>(x: &Array2<T>, w: &Array1<T>, eps: f64, par: &Par) -> (Array2<T>, Array1<T>) {
+    let h = T::from_f64(x.ncols() as f64);
+    let eps = T::from_f64(eps);
+    let rstd = x.rows().into_iter().map(|x| T::one() / (x.iter().fold(T::zero(), |acc, &v| acc + v * v) / h + eps).sqrt());
+    let rstd: Array1<T> = rstd.collect();
+    let mut y = Array2::zeros(x.raw_dim());
+    par.row_chunks(&mut y, |first, mut chunk| {
+        let rows = first..first + chunk.nrows();
+        Zip::from(chunk.rows_mut()).and(x.slice(s![rows.clone(), ..]).rows()).and(rstd.slice(s![rows])).for_each(
+            |mut y, x, &r| Zip::from(&mut y).and(&x).and(w).for_each(|y, &x, &w| *y = w * (x * r)),
+        );
+    });
+    (y, rstd)
+}
+
+/// Backward of [`rms_norm`]: with g = dy ⊙ w, dx = r g - x r³ mean(g ⊙ x).
+pub(crate) fn rms_norm_backward<T: Scalar>(
+    dy: &Array2<T>,
+    x: &Array2<T>,
+    w: &Array1<T>,
+    rstd: &Array1<T>,
+    par: &Par,
+) -> Array2<T> {
+    let h = T::from_f64(x.ncols() as f64);
+    let mut dx = Array2::zeros(x.raw_dim());
+    par.row_chunks(&mut dx, |first, mut chunk| {
+        let rows = first..first + chunk.nrows();
+        let (dy, x, rstd) = (dy.slice(s![rows.clone(), ..]), x.slice(s![rows.clone(), ..]), rstd.slice(s![rows]));
+        Zip::from(chunk.rows_mut()).and(dy.rows()).and(x.rows()).and(&rstd).for_each(|mut dx, dy, x, &r| {
+            let mut dot = T::zero();
+            Zip::from(&dy).and(&x).and(w).for_each(|&dy, &x, &w| dot += dy * w * x);
+            let c = r * r * r * dot / h;
+            Zip::from(&mut dx).and(&dy).and(&x).and(w).for_each(|dx, &dy, &x, &w| *dx = r * dy * w - x * c);
+        });
+    });
+    dx
+}
+
+/// cos and sin of the rotary angles, (positions, head_dim / 2): angle(t, i) = t / theta^(2i / d).
+#[derive(Debug, Clone)]
+pub(crate) struct Rope<T> {
+    cos: Array2<T>,
+    sin: Array2<T>,
+}
+
+impl<T: Scalar> Rope<T> {
+    pub(crate) fn new(positions: usize, head_dim: usize, theta: f64) -> Self {
+        let half = head_dim / 2;
+        // transformers computes inv_freq and the angles in f32; f64 here, rounded once
+        let angle = |t: usize, i: usize| t as f64 / theta.powf((2 * i) as f64 / head_dim as f64);
+        Rope {
+            cos: Array2::from_shape_fn((positions, half), |(t, i)| T::from_f64(angle(t, i).cos())),
+            sin: Array2::from_shape_fn((positions, half), |(t, i)| T::from_f64(angle(t, i).sin())),
+        }
+    }
+
+    /// Rotate every head of x (rows = sequences x `seq` positions, heads x head_dim columns) in
+    /// place, with transformers' rotate-half convention: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s).
+    /// `inverse` applies the transpose (the backward pass).
+    pub(crate) fn apply(&self, x: &mut Array2<T>, seq: usize, head_dim: usize, inverse: bool) {
+        let half = head_dim / 2;
+        for (row, mut xr) in x.rows_mut().into_iter().enumerate() {
+            let t = row % seq;
+            let (cos, sin) = (self.cos.row(t), self.sin.row(t));
+            for mut head in xr.exact_chunks_mut(head_dim) {
+                for i in 0..half {
+                    let (x1, x2) = (head[i], head[i + half]);
+                    let (c, s) = (cos[i], if inverse { -sin[i] } else { sin[i] });
+                    head[i] = x1 * c - x2 * s;
+                    head[i + half] = x2 * c + x1 * s;
+                }
+            }
+        }
+    }
+}
+
+/// SiLU and its derivative.
+pub(crate) fn silu<T: Scalar>(x: T) -> T {
+    x / (T::one() + (-x).exp())
+}
+
+fn silu_grad<T: Scalar>(x: T) -> T {
+    let sig = T::one() / (T::one() + (-x).exp());
+    sig * (T::one() + x * (T::one() - sig))
+}
+
+/// act = silu(g) ⊙ u.
+pub(crate) fn swiglu<T: Scalar>(g: &Array2<T>, u: &Array2<T>, par: &Par) -> Array2<T> {
+    let mut act = Array2::zeros(g.raw_dim());
+    par.row_chunks(&mut act, |first, mut chunk| {
+        let rows = s![first..first + chunk.nrows(), ..];
+        Zip::from(&mut chunk).and(g.slice(rows)).and(u.slice(rows)).for_each(|a, &g, &u| *a = silu(g) * u);
+    });
+    act
+}
+
+/// Backward of [`swiglu`]: (dg, du).
+pub(crate) fn swiglu_backward<T: Scalar>(da: &Array2<T>, g: &Array2<T>, u: &Array2<T>, par: &Par) -> (Array2<T>, Array2<T>) {
+    let mut dg = Array2::zeros(g.raw_dim());
+    par.row_chunks(&mut dg, |first, mut chunk| {
+        let rows = s![first..first + chunk.nrows(), ..];
+        Zip::from(&mut chunk).and(da.slice(rows)).and(g.slice(rows)).and(u.slice(rows)).for_each(|dg, &da, &g, &u| {
+            *dg = da * u * silu_grad(g);
+        });
+    });
+    let mut du = Array2::zeros(g.raw_dim());
+    par.row_chunks(&mut du, |first, mut chunk| {
+        let rows = s![first..first + chunk.nrows(), ..];
+        Zip::from(&mut chunk).and(da.slice(rows)).and(g.slice(rows)).for_each(|du, &da, &g| *du = da * silu(g));
+    });
+    (dg, du)
+}
+
+/// Shapes of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttnDims {
+    pub(crate) batch: usize,
+    pub(crate) seq: usize,
+    pub(crate) heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_dim: usize,
+}
+
+impl AttnDims {
+    fn kv_head(&self, h: usize) -> usize {
+        h / (self.heads / self.kv_heads)
+    }
+
+    fn block<'a, T>(&self, m: &'a Array2<T>, b: usize, h: usize) -> ArrayView2<'a, T> {
+        let (t, d) = (self.seq, self.head_dim);
+        m.slice(s![b * t..(b + 1) * t, h * d..(h + 1) * d])
+    }
+}
+
+/// Causal softmax attention for every (sequence, head), in parallel. q is (rows, heads x d)
+/// after rotary embedding, k and v (rows, kv_heads x d). `keep[b][j]` false masks key j of
+/// sequence b (padding); a query with no visible key attends uniformly to every position, as in
+/// transformers. Returns the output
+/// (rows, heads x d) and the probabilities of every (sequence, head), (seq, seq) each.
+pub(crate) fn attention<T: Scalar>(
+    q: &Array2<T>,
+    k: &Array2<T>,
+    v: &Array2<T>,
+    dims: AttnDims,
+    keep: Option<&Array2<bool>>,
+    par: &Par,
+) -> (Array2<T>, Vec<Array2<T>>) {
+    let (t, d) = (dims.seq, dims.head_dim);
+    let scale = T::from_f64(1.0 / (d as f64).sqrt());
+    let results = par.map(dims.batch * dims.heads, |i| {
+        let (b, h) = (i / dims.heads, i % dims.heads);
+        let kh = dims.kv_head(h);
+        let mut p = Array2::zeros((t, t));
+        general_mat_mul(scale, &dims.block(q, b, h), &dims.block(k, b, kh).t(), T::zero(), &mut p);
+        let keep_row = keep.map(|m| m.row(b));
+        for (qi, mut row) in p.rows_mut().into_iter().enumerate() {
+            let visible = |j: usize| j <= qi && keep_row.is_none_or(|m| m[j]);
+            let max = (0..t).filter(|&j| visible(j)).map(|j| row[j]).fold(T::neg_infinity(), T::max);
+            if max == T::neg_infinity() {
+                // No visible key (a padded query before the first real token): transformers'
+                // eager attention adds the dtype's minimum to every score, which leaves them all
+                // equal, so the query attends uniformly to every position; match it.
+                row.fill(T::one() / T::from_f64(t as f64));
+                continue;
+            }
+            let mut sum = T::zero();
+            for j in 0..t {
+                let e = if visible(j) { (row[j] - max).exp() } else { T::zero() };
+                row[j] = e;
+                sum += e;
+            }
+            row /= sum;
+        }
+        let out = p.dot(&dims.block(v, b, kh));
+        (p, out)
+    });
+    let mut o = Array2::zeros((dims.batch * t, dims.heads * d));
+    let mut probs = Vec::with_capacity(results.len());
+    for (i, (p, out)) in results.into_iter().enumerate() {
+        let (b, h) = (i / dims.heads, i % dims.heads);
+        o.slice_mut(s![b * t..(b + 1) * t, h * d..(h + 1) * d]).assign(&out);
+        probs.push(p);
+    }
+    (o, probs)
+}
+
+/// Backward of [`attention`]: (dq, dk, dv) from the output gradient, with key and value
+/// gradients of the query heads that share a kv head summed (in head order, deterministic).
+pub(crate) fn attention_backward<T: Scalar>(
+    d_o: &Array2<T>,
+    q: &Array2<T>,
+    k: &Array2<T>,
+    v: &Array2<T>,
+    probs: &[Array2<T>],
+    dims: AttnDims,
+    keep: Option<&Array2<bool>>,
+    par: &Par,
+) -> (Array2<T>, Array2<T>, Array2<T>) {
+    let (t, d) = (dims.seq, dims.head_dim);
+    let scale = T::from_f64(1.0 / (d as f64).sqrt());
+    let results = par.map(dims.batch * dims.heads, |i| {
+        let (b, h) = (i / dims.heads, i % dims.heads);
+        let kh = dims.kv_head(h);
+        let p = &probs[i];
+        let blind = Array1::from_shape_fn(t, |qi| keep.is_some_and(|m| (0..=qi).all(|j| !m[[b, j]])));
+        let dout = dims.block(d_o, b, h);
+        let mut dp = dout.dot(&dims.block(v, b, kh).t());
+        let dv = p.t().dot(&dout);
+        // dS = P ⊙ (dP - rowsum(dP ⊙ P)), written over dP; zero for a query that sees no key
+        // (its uniform probabilities do not depend on the scores)
+        Zip::from(dp.rows_mut()).and(p.rows()).and(&blind).for_each(|mut dp, p, &blind| {
+            if blind {
+                dp.fill(T::zero());
+                return;
+            }
+            let dot = Zip::from(&dp).and(&p).fold(T::zero(), |acc, &a, &b| acc + a * b);
+            Zip::from(&mut dp).and(&p).for_each(|ds, &p| *ds = p * (*ds - dot));
+        });
+        let mut dq = Array2::zeros((t, d));
+        general_mat_mul(scale, &dp, &dims.block(k, b, kh), T::zero(), &mut dq);
+        let mut dk = Array2::zeros((t, d));
+        general_mat_mul(scale, &dp.t(), &dims.block(q, b, h), T::zero(), &mut dk);
+        (dq, dk, dv)
+    });
+    let mut dq = Array2::zeros(q.raw_dim());
+    let mut dk = Array2::zeros(k.raw_dim());
+    let mut dv = Array2::zeros(v.raw_dim());
+    for (i, (gq, gk, gv)) in results.into_iter().enumerate() {
+        let (b, h) = (i / dims.heads, i % dims.heads);
+        let kh = dims.kv_head(h);
+        let rows = b * t..(b + 1) * t;
+        dq.slice_mut(s![rows.clone(), h * d..(h + 1) * d]).assign(&gq);
+        dk.slice_mut(s![rows.clone(), kh * d..(kh + 1) * d]).scaled_add(T::one(), &gk);
+        dv.slice_mut(s![rows, kh * d..(kh + 1) * d]).scaled_add(T::one(), &gv);
+    }
+    (dq, dk, dv)
+}
+
+/// Cross-entropy of next-token prediction for the rows of one sequence: row t of `logits`
+/// predicts `labels[t + 1]`; labels equal to [`crate::IGNORE_INDEX`] do not count. Returns the sum
+/// of the losses (f64) and the number of predictions counted. With `grad`, the logits are
+/// overwritten by d(sum)/d(logits) multiplied by `grad_scale`.
+pub(crate) fn cross_entropy_rows<T: Scalar>(
+    logits: &mut ndarray::ArrayViewMut2<'_, T>,
+    labels: ndarray::ArrayView1<'_, i64>,
+    grad: Option<T>,
+) -> (f64, usize) {
+    let mut sum = 0.0;
+    let mut count = 0;
+    let t = labels.len();
+    for (pos, mut row) in logits.axis_iter_mut(Axis(0)).enumerate() {
+        let label = if pos + 1 < t { labels[pos + 1] } else { crate::IGNORE_INDEX };
+        if label == crate::IGNORE_INDEX {
+            if grad.is_some() {
+                row.fill(T::zero());
+            }
+            continue;
+        }
+        let label = label as usize;
+        let max = row.iter().copied().fold(T::neg_infinity(), T::max);
+        let target = row[label];
+        // one exp per logit, in T (vectorisable); the sum of the exponentials in f64
+        let sum_exp = match grad {
+            Some(_) => {
+                row.mapv_inplace(|v| (v - max).exp());
+                row.iter().map(|e| e.as_f64()).sum::<f64>()
+            }
+            None => row.iter().map(|&v| (v - max).exp().as_f64()).sum::<f64>(),
+        };
+        sum += max.as_f64() + sum_exp.ln() - target.as_f64();
+        count += 1;
+        if let Some(scale) = grad {
+            // d/dlogit = softmax - onehot, times the 1 / count of the mean
+            let factor = T::from_f64(scale.as_f64() / sum_exp);
+            row *= factor;
+            row[label] -= scale;
+        }
+    }
+    (sum, count)
+}

@@ -1,0 +1,105 @@
+//! Explicit parallelism: a rayon thread pool of a given size, or the deterministic sequential
+//! path.
+
+use std::sync::Arc;
+
+use lora_core::Scalar;
+use ndarray::linalg::general_mat_mul;
+use ndarray::{s, Array2, ArrayRef2, ArrayViewMut2, Axis};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// How many threads the model's work runs on.
+///
+/// Attention runs in parallel across (sequence, head) pairs and the loss across sequences;
+/// large products go through ndarray's `general_mat_mul` (a CBLAS when the final binary links
+/// one, whose own threads are set by the BLAS, e.g. `OPENBLAS_NUM_THREADS`). Results do not
+/// depend on the thread count: parallel pieces are combined in a fixed order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Parallelism {
+    /// Everything on the calling thread, no rayon: deterministic and the reference path.
+    #[default]
+    Sequential,
+    /// A dedicated rayon pool of this many threads (at least 1).
+    Threads(usize),
+}
+
+/// The runtime side of [`Parallelism`]: the pool, if any.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Par {
+    pool: Option<Arc<rayon::ThreadPool>>,
+}
+
+impl Par {
+    pub(crate) fn new(parallelism: Parallelism) -> Result<Self> {
+        match parallelism {
+            Parallelism::Sequential => Ok(Par { pool: None }),
+            Parallelism::Threads(0) => Err(Error::ThreadPool("the thread count must be at least 1".into())),
+            Parallelism::Threads(n) => {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("lora-train-{i}"))
+                    .build()
+                    .map_err(|e| Error::ThreadPool(e.to_string()))?;
+                Ok(Par { pool: Some(Arc::new(pool)) })
+            }
+        }
+    }
+
+    /// Run `f` inside the pool (so that nested `map` calls use it), or on this thread.
+    pub(crate) fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(pool) => pool.install(f),
+            None => f(),
+        }
+    }
+
+    /// `f(0), ..., f(n - 1)` in order, computed in parallel when there is a pool.
+    pub(crate) fn map<R: Send>(&self, n: usize, f: impl Fn(usize) -> R + Sync + Send) -> Vec<R> {
+        match &self.pool {
+            Some(_) => (0..n).into_par_iter().map(f).collect(),
+            None => (0..n).map(f).collect(),
+        }
+    }
+
+    /// `f` of every item, in order, computed in parallel when there is a pool.
+    pub(crate) fn map_vec<I: Send, R: Send>(&self, items: Vec<I>, f: impl Fn(I) -> R + Sync + Send) -> Vec<R> {
+        match &self.pool {
+            Some(_) => items.into_par_iter().map(f).collect(),
+            None => items.into_iter().map(f).collect(),
+        }
+    }
+
+    /// `f(first_row, chunk)` on consecutive chunks of [`ROW_CHUNK`] rows of `out`, in parallel
+    /// when there is a pool. The chunks are the same whatever the thread count, so results are
+    /// too.
+    pub(crate) fn row_chunks<T: Send + Sync>(
+        &self,
+        out: &mut Array2<T>,
+        f: impl Fn(usize, ArrayViewMut2<'_, T>) + Sync + Send,
+    ) {
+        let chunks: Vec<_> = out.axis_chunks_iter_mut(Axis(0), ROW_CHUNK).enumerate().collect();
+        self.map_vec(chunks, |(i, chunk)| f(i * ROW_CHUNK, chunk));
+    }
+}
+
+/// Rows per piece of work in [`Par::row_chunks`]: large enough for an efficient matrix product,
+/// small enough to share 2048 rows among a few threads.
+pub(crate) const ROW_CHUNK: usize = 128;
+
+/// c = alpha a b + beta c, with a's and c's rows split into
+/// [`ROW_CHUNK`] pieces computed in parallel (each piece a single-threaded-size GEMM).
+pub(crate) fn gemm<T: Scalar>(
+    par: &Par,
+    alpha: T,
+    a: &ArrayRef2<T>,
+    b: &ArrayRef2<T>,
+    beta: T,
+    c: &mut Array2<T>,
+) {
+    par.row_chunks(c, |first, mut chunk| {
+        let rows = first..first + chunk.nrows();
+        general_mat_mul(alpha, &a.slice(s![rows, ..]), b, beta, &mut chunk);
+    });
+}
