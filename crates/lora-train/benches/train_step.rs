@@ -82,7 +82,8 @@ fn bench(c: &mut Criterion) {
         let config = ModelConfig::from_json(case.config, case.name).expect("valid config");
         let model = random_model(&config, threads);
         let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let ids = Array2::from_shape_simple_fn((case.batch, case.seq), || rng.random_range(0..config.vocab_size as u32));
+        let ids =
+            Array2::from_shape_simple_fn((case.batch, case.seq), || rng.random_range(0..config.vocab_size as u32));
         let batch = Batch::new(ids).expect("non-empty");
         let mut group = c.benchmark_group(format!("train_step/{}", case.name));
         group.throughput(Throughput::Elements((case.batch * case.seq) as u64));

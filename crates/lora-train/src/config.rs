@@ -150,11 +150,11 @@ impl ModelConfig {
             (Architecture::Mistral, None) => raw.sliding_window.is_some(),
             (_, Some(types)) => types.iter().any(|t| t == "sliding_attention"),
             (Architecture::Qwen2, None) => {
-                raw.use_sliding_window.unwrap_or(false)
-                    && raw.max_window_layers.unwrap_or(0) < raw.num_hidden_layers
+                raw.use_sliding_window.unwrap_or(false) && raw.max_window_layers.unwrap_or(0) < raw.num_hidden_layers
             }
         };
-        if let Some(bad) = raw.layer_types.iter().flatten().find(|t| *t != "full_attention" && *t != "sliding_attention")
+        if let Some(bad) =
+            raw.layer_types.iter().flatten().find(|t| *t != "full_attention" && *t != "sliding_attention")
         {
             return Err(unsupported(format!("layer type {bad:?}")));
         }
@@ -270,8 +270,9 @@ mod tests {
         let c = ModelConfig::from_json(LLAMA, "config.json").unwrap();
         assert_eq!((c.head_dim, c.num_key_value_heads, c.rope_theta), (16, 4, 10000.0));
         assert!(!c.tie_word_embeddings && !c.qkv_bias && c.sliding_window.is_none());
-        let c = ModelConfig::from_json(&with(r#""rope_parameters": {"rope_type": "default", "rope_theta": 500.0}"#), "c")
-            .unwrap();
+        let c =
+            ModelConfig::from_json(&with(r#""rope_parameters": {"rope_type": "default", "rope_theta": 500.0}"#), "c")
+                .unwrap();
         assert_eq!(c.rope_theta, 500.0);
     }
 
@@ -297,9 +298,11 @@ mod tests {
     fn sliding_windows_are_recorded_per_architecture() {
         let mistral = LLAMA.replace("\"llama\"", "\"mistral\"").replacen('}', r#","sliding_window": 8}"#, 1);
         assert_eq!(ModelConfig::from_json(&mistral, "c").unwrap().sliding_window, Some(8));
-        let qwen = LLAMA
-            .replace("\"llama\"", "\"qwen2\"")
-            .replacen('}', r#","sliding_window": 8, "use_sliding_window": false}"#, 1);
+        let qwen = LLAMA.replace("\"llama\"", "\"qwen2\"").replacen(
+            '}',
+            r#","sliding_window": 8, "use_sliding_window": false}"#,
+            1,
+        );
         let c = ModelConfig::from_json(&qwen, "c").unwrap();
         assert_eq!((c.sliding_window, c.qkv_bias, c.o_bias), (None, true, false));
         let llama = LLAMA.replacen('}', r#","sliding_window": 8}"#, 1);

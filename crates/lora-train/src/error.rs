@@ -84,6 +84,10 @@ pub enum Error {
     #[error("thread pool: {0}")]
     ThreadPool(String),
 
+    /// An error of lora-io (model folders, PEFT adapters, safetensors); it names the file.
+    #[error(transparent)]
+    Files(#[from] lora_io::Error),
+
     /// An error of the LoRA math or of a tensor source.
     #[error(transparent)]
     Core(#[from] lora_core::Error),

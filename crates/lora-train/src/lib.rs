@@ -62,20 +62,33 @@
 #![deny(missing_docs)]
 
 mod config;
+pub mod data;
 mod error;
 pub mod eval;
 mod linear;
 mod lora;
 mod model;
 mod ops;
+pub mod optim;
 mod parallel;
+pub mod synthetic;
+mod trainer;
 
 pub use config::{Architecture, ModelConfig};
 pub use error::{Error, Result};
 pub use linear::LoraGrad;
 pub use lora::{LoraConfig, LoraParamsMut};
-pub use model::{Batch, Loss, LoraGrads, Model, Proj, StepOptions, IGNORE_INDEX};
+pub use model::{Batch, LoraGrads, Loss, Model, Proj, StepOptions, IGNORE_INDEX};
+pub use optim::{AdamW, AdamWConfig, Schedule};
 pub use parallel::Parallelism;
+pub use trainer::{
+    evaluate_blocks, latest_checkpoint, load_model, train, StepReport, TrainConfig, TrainLength, TrainSummary, Trainer,
+    OPTIMIZER_FILE, TRAINER_STATE_FILE,
+};
 
 #[cfg(test)]
+mod optim_tests;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod trainer_tests;

@@ -32,7 +32,15 @@ impl LoraConfig {
     /// PEFT's defaults (standard scaling, no dropout, kaiming-uniform A, B = 0, seed 0) for this
     /// rank, alpha and targets.
     pub fn new(rank: usize, alpha: f64, targets: TargetModules) -> Self {
-        LoraConfig { rank, alpha, scaling: Scaling::Standard, dropout: 0.0, targets, init: Init::KaimingUniform, seed: 0 }
+        LoraConfig {
+            rank,
+            alpha,
+            scaling: Scaling::Standard,
+            dropout: 0.0,
+            targets,
+            init: Init::KaimingUniform,
+            seed: 0,
+        }
     }
 
     fn matches(&self, path: &str, proj: Proj, regex: Option<&regex::Regex>) -> bool {
@@ -95,7 +103,10 @@ impl<T: Scalar> Model<T> {
             }
         }
         if count == 0 {
-            return Err(Error::Input(format!("target modules {:?} match no linear layer of the model", config.targets)));
+            return Err(Error::Input(format!(
+                "target modules {:?} match no linear layer of the model",
+                config.targets
+            )));
         }
         Ok(count)
     }
@@ -177,7 +188,9 @@ impl<T: Scalar> Model<T> {
 
     fn lora_iter(&self) -> impl Iterator<Item = (String, &LoraParams<T>)> {
         self.blocks.iter().enumerate().flat_map(|(l, b)| {
-            Proj::ALL.into_iter().filter_map(move |p| b.linears[p as usize].lora.as_ref().map(|lora| (p.module_path(l), lora)))
+            Proj::ALL
+                .into_iter()
+                .filter_map(move |p| b.linears[p as usize].lora.as_ref().map(|lora| (p.module_path(l), lora)))
         })
     }
 

@@ -213,7 +213,13 @@ impl<T: Scalar> Block<T> {
         &self.linears[p as usize]
     }
 
-    fn forward(&self, h: &Array2<T>, layer: usize, ctx: &Ctx<'_, T>, keep_cache: bool) -> (Array2<T>, Option<BlockCache<T>>) {
+    fn forward(
+        &self,
+        h: &Array2<T>,
+        layer: usize,
+        ctx: &Ctx<'_, T>,
+        keep_cache: bool,
+    ) -> (Array2<T>, Option<BlockCache<T>>) {
         let seed = |p: Proj| ctx.dropout_seed.map(|s| mix(s, layer, p));
         let (x1, rstd1) = ops::rms_norm(h, &self.input_norm, ctx.eps, ctx.par);
         let (mut q, cq) = self.lin(Proj::Q).forward(&x1, seed(Proj::Q), ctx.par);
@@ -263,24 +269,32 @@ impl<T: Scalar> Block<T> {
         let n = h.nrows();
         // MLP: out = h2 + down(silu(gate(x2)) * up(x2)), x2 = norm(h2)
         let mut dact = Array2::zeros(c.act.raw_dim());
-        grads[Proj::Down as usize] = self.lin(Proj::Down).backward(dh, &c.act, &c.lin[Proj::Down as usize], &mut dact, false, ctx.par);
+        grads[Proj::Down as usize] =
+            self.lin(Proj::Down).backward(dh, &c.act, &c.lin[Proj::Down as usize], &mut dact, false, ctx.par);
         let (dg, du) = ops::swiglu_backward(&dact, &c.g, &c.u, ctx.par);
         drop(dact);
         let mut dx2 = Array2::zeros((n, h.ncols()));
-        grads[Proj::Gate as usize] = self.lin(Proj::Gate).backward(&dg, &c.x2, &c.lin[Proj::Gate as usize], &mut dx2, false, ctx.par);
-        grads[Proj::Up as usize] = self.lin(Proj::Up).backward(&du, &c.x2, &c.lin[Proj::Up as usize], &mut dx2, true, ctx.par);
+        grads[Proj::Gate as usize] =
+            self.lin(Proj::Gate).backward(&dg, &c.x2, &c.lin[Proj::Gate as usize], &mut dx2, false, ctx.par);
+        grads[Proj::Up as usize] =
+            self.lin(Proj::Up).backward(&du, &c.x2, &c.lin[Proj::Up as usize], &mut dx2, true, ctx.par);
         let mut dh2 = ops::rms_norm_backward(&dx2, &c.h2, &self.post_norm, &c.rstd2, ctx.par);
         dh2 += dh;
         // attention: h2 = h + o_proj(attn(rope(q(x1)), rope(k(x1)), v(x1))), x1 = norm(h)
         let mut d_o = Array2::zeros(c.o.raw_dim());
-        grads[Proj::O as usize] = self.lin(Proj::O).backward(&dh2, &c.o, &c.lin[Proj::O as usize], &mut d_o, false, ctx.par);
-        let (mut dq, mut dk, dv) = ops::attention_backward(&d_o, &c.q, &c.k, &c.v, &c.probs, ctx.dims, ctx.keep, ctx.par);
+        grads[Proj::O as usize] =
+            self.lin(Proj::O).backward(&dh2, &c.o, &c.lin[Proj::O as usize], &mut d_o, false, ctx.par);
+        let (mut dq, mut dk, dv) =
+            ops::attention_backward(&d_o, &c.q, &c.k, &c.v, &c.probs, ctx.dims, ctx.keep, ctx.par);
         ctx.rope.apply(&mut dq, ctx.dims.seq, ctx.dims.head_dim, true);
         ctx.rope.apply(&mut dk, ctx.dims.seq, ctx.dims.head_dim, true);
         let mut dx1 = Array2::zeros((n, h.ncols()));
-        grads[Proj::Q as usize] = self.lin(Proj::Q).backward(&dq, &c.x1, &c.lin[Proj::Q as usize], &mut dx1, false, ctx.par);
-        grads[Proj::K as usize] = self.lin(Proj::K).backward(&dk, &c.x1, &c.lin[Proj::K as usize], &mut dx1, true, ctx.par);
-        grads[Proj::V as usize] = self.lin(Proj::V).backward(&dv, &c.x1, &c.lin[Proj::V as usize], &mut dx1, true, ctx.par);
+        grads[Proj::Q as usize] =
+            self.lin(Proj::Q).backward(&dq, &c.x1, &c.lin[Proj::Q as usize], &mut dx1, false, ctx.par);
+        grads[Proj::K as usize] =
+            self.lin(Proj::K).backward(&dk, &c.x1, &c.lin[Proj::K as usize], &mut dx1, true, ctx.par);
+        grads[Proj::V as usize] =
+            self.lin(Proj::V).backward(&dv, &c.x1, &c.lin[Proj::V as usize], &mut dx1, true, ctx.par);
         let mut dh_in = ops::rms_norm_backward(&dx1, h, &self.input_norm, &c.rstd1, ctx.par);
         dh_in += &dh2;
         dh_in
@@ -363,7 +377,8 @@ impl<T: Scalar> Model<T> {
             });
         }
         let norm = read1(source, "model.norm.weight", h)?;
-        let lm_head = if c.tie_word_embeddings { None } else { Some(read2(source, "lm_head.weight", c.vocab_size, h)?) };
+        let lm_head =
+            if c.tie_word_embeddings { None } else { Some(read2(source, "lm_head.weight", c.vocab_size, h)?) };
         Ok(Model { config, embed, blocks, norm, lm_head, par: Par::default() })
     }
 
@@ -463,7 +478,9 @@ impl<T: Scalar> Model<T> {
         let chunks: Vec<(ArrayViewMut2<'_, T>, ArrayView1<'_, i64>)> =
             logits.axis_chunks_iter_mut(Axis(0), batch.seq_len()).zip(batch.labels.rows()).collect();
         let parts = self.par.map_vec(chunks, |(mut rows, labels)| ops::cross_entropy_rows(&mut rows, labels, grad));
-        parts.into_iter().fold(Loss { sum: 0.0, count: 0 }, |acc, (s, c)| Loss { sum: acc.sum + s, count: acc.count + c })
+        parts
+            .into_iter()
+            .fold(Loss { sum: 0.0, count: 0 }, |acc, (s, c)| Loss { sum: acc.sum + s, count: acc.count + c })
     }
 
     /// The mean loss of the batch and its gradient for every LoRA factor (LoRA dropout active,

@@ -12,14 +12,16 @@ use crate::parallel::Par;
 pub(crate) fn rms_norm<T: Scalar>(x: &Array2<T>, w: &Array1<T>, eps: f64, par: &Par) -> (Array2<T>, Array1<T>) {
     let h = T::from_f64(x.ncols() as f64);
     let eps = T::from_f64(eps);
-    let rstd = x.rows().into_iter().map(|x| T::one() / (x.iter().fold(T::zero(), |acc, &v| acc + v * v) / h + eps).sqrt());
+    let rstd =
+        x.rows().into_iter().map(|x| T::one() / (x.iter().fold(T::zero(), |acc, &v| acc + v * v) / h + eps).sqrt());
     let rstd: Array1<T> = rstd.collect();
     let mut y = Array2::zeros(x.raw_dim());
     par.row_chunks(&mut y, |first, mut chunk| {
         let rows = first..first + chunk.nrows();
-        Zip::from(chunk.rows_mut()).and(x.slice(s![rows.clone(), ..]).rows()).and(rstd.slice(s![rows])).for_each(
-            |mut y, x, &r| Zip::from(&mut y).and(&x).and(w).for_each(|y, &x, &w| *y = w * (x * r)),
-        );
+        Zip::from(chunk.rows_mut())
+            .and(x.slice(s![rows.clone(), ..]).rows())
+            .and(rstd.slice(s![rows]))
+            .for_each(|mut y, x, &r| Zip::from(&mut y).and(&x).and(w).for_each(|y, &x, &w| *y = w * (x * r)));
     });
     (y, rstd)
 }
@@ -106,7 +108,12 @@ pub(crate) fn swiglu<T: Scalar>(g: &Array2<T>, u: &Array2<T>, par: &Par) -> Arra
 }
 
 /// Backward of [`swiglu`]: (dg, du).
-pub(crate) fn swiglu_backward<T: Scalar>(da: &Array2<T>, g: &Array2<T>, u: &Array2<T>, par: &Par) -> (Array2<T>, Array2<T>) {
+pub(crate) fn swiglu_backward<T: Scalar>(
+    da: &Array2<T>,
+    g: &Array2<T>,
+    u: &Array2<T>,
+    par: &Par,
+) -> (Array2<T>, Array2<T>) {
     let mut dg = Array2::zeros(g.raw_dim());
     par.row_chunks(&mut dg, |first, mut chunk| {
         let rows = s![first..first + chunk.nrows(), ..];

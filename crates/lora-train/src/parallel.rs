@@ -90,14 +90,7 @@ pub(crate) const ROW_CHUNK: usize = 128;
 
 /// c = alpha a b + beta c, with a's and c's rows split into
 /// [`ROW_CHUNK`] pieces computed in parallel (each piece a single-threaded-size GEMM).
-pub(crate) fn gemm<T: Scalar>(
-    par: &Par,
-    alpha: T,
-    a: &ArrayRef2<T>,
-    b: &ArrayRef2<T>,
-    beta: T,
-    c: &mut Array2<T>,
-) {
+pub(crate) fn gemm<T: Scalar>(par: &Par, alpha: T, a: &ArrayRef2<T>, b: &ArrayRef2<T>, beta: T, c: &mut Array2<T>) {
     par.row_chunks(c, |first, mut chunk| {
         let rows = first..first + chunk.nrows();
         general_mat_mul(alpha, &a.slice(s![rows, ..]), b, beta, &mut chunk);

@@ -142,7 +142,9 @@ fn every_lora_gradient_equals_finite_differences_llama_biases_rslora_dropout() {
     // dropout masks are drawn from the step seed, so the loss is a fixed function of the factors
     let options = StepOptions { checkpointing: true, dropout_seed: 5 };
     let (worst, n) = check_gradients(model, &padded_batch(24), options);
-    eprintln!("llama (all biases, untied, rsLoRA, dropout 0.25, checkpointing): {n} entries, max relative error {worst:.2e}");
+    eprintln!(
+        "llama (all biases, untied, rsLoRA, dropout 0.25, checkpointing): {n} entries, max relative error {worst:.2e}"
+    );
 }
 
 #[test]
