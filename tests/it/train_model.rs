@@ -25,7 +25,10 @@ impl Safetensors {
     }
     fn view(&self, name: &str) -> lora_core::Result<safetensors::tensor::TensorView<'_>> {
         let st = safetensors::SafeTensors::deserialize(&self.bytes).expect("checked in open");
-        st.tensor(name).map_err(|e| lora_core::Error::Source { name: format!("{} in {}", name, self.path.display()), source: Box::new(e) })
+        st.tensor(name).map_err(|e| lora_core::Error::Source {
+            name: format!("{} in {}", name, self.path.display()),
+            source: Box::new(e),
+        })
     }
     fn i64(&self, name: &str) -> Result<ArrayD<i64>> {
         let v = self.view(name)?;
@@ -47,7 +50,10 @@ impl TensorSource for Safetensors {
     fn read_f32(&self, name: &str) -> lora_core::Result<ArrayD<f32>> {
         let v = self.view(name)?;
         if v.dtype() != safetensors::Dtype::F32 {
-            return Err(lora_core::Error::Unsupported(format!("{name}: dtype {:?} (test reader: F32 only)", v.dtype())));
+            return Err(lora_core::Error::Unsupported(format!(
+                "{name}: dtype {:?} (test reader: F32 only)",
+                v.dtype()
+            )));
         }
         let data = v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
         Ok(ArrayD::from_shape_vec(v.shape().to_vec(), data).expect("safetensors checked the length"))
@@ -74,8 +80,11 @@ fn read_peft_adapter(dir: &Path) -> Result<Adapter<f32>> {
     let alpha = cfg["lora_alpha"].as_f64().context("lora_alpha")?;
     let scaling = if cfg["use_rslora"].as_bool() == Some(true) { Scaling::RsLora } else { Scaling::Standard };
     let targets = cfg["target_modules"].as_array().context("target_modules")?;
-    let mut config =
-        AdapterConfig::new(r, alpha, TargetModules::List(targets.iter().filter_map(|t| t.as_str().map(String::from)).collect()));
+    let mut config = AdapterConfig::new(
+        r,
+        alpha,
+        TargetModules::List(targets.iter().filter_map(|t| t.as_str().map(String::from)).collect()),
+    );
     config.scaling = scaling;
     let file = Safetensors::open(&dir.join("adapter_model.safetensors"))?;
     let mut adapter = Adapter::new(config);
@@ -124,7 +133,13 @@ fn padding_mask_equals_transformers_on_real_tokens() -> Result<()> {
     let (model, reference) = load("llama")?;
     let mask = reference.i64("attention_mask")?.into_dimensionality::<Ix2>()?.mapv(|m| m != 0);
     let plain = batch(&reference)?;
-    let labels = Array2::from_shape_fn(mask.dim(), |(b, t)| if mask[[b, t]] { i64::from(plain.input_ids()[[b, t]]) } else { IGNORE_INDEX });
+    let labels = Array2::from_shape_fn(mask.dim(), |(b, t)| {
+        if mask[[b, t]] {
+            i64::from(plain.input_ids()[[b, t]])
+        } else {
+            IGNORE_INDEX
+        }
+    });
     let batch = plain.with_attention_mask(mask.clone())?.with_labels(labels)?;
     let logits = model.logits(&batch)?;
     let theirs = reference.read_f32("logits_masked")?.into_dimensionality::<Ix3>()?;
@@ -249,7 +264,8 @@ fn eval_equals_transformers_on_blocks() -> Result<()> {
 #[test]
 fn a_sliding_window_shorter_than_the_sequence_is_refused() -> Result<()> {
     let dir = case("mistral/model");
-    let text = std::fs::read_to_string(dir.join("config.json"))?.replace("\"sliding_window\": 4096", "\"sliding_window\": 4");
+    let text =
+        std::fs::read_to_string(dir.join("config.json"))?.replace("\"sliding_window\": 4096", "\"sliding_window\": 4");
     let config = ModelConfig::from_json(&text, "mistral/config.json")?;
     let model = Model::<f32>::from_source(config, &Safetensors::open(&dir.join("model.safetensors"))?)?;
     let (_, reference) = load("mistral")?;
