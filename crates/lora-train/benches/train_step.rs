@@ -4,8 +4,8 @@
 //! layers) and a tiny one (hidden 128, 2 layers, sequence 64). The PyTorch + PEFT counterpart is
 //! `train_step_torch.py` beside this file; figures live in docs/benchmarks.md.
 //!
-//! `LORA_BENCH_THREADS` sets the rayon pool (default 2); OpenBLAS threads are set by
-//! `OPENBLAS_NUM_THREADS`. `LORA_BENCH_ONLY=tiny|bench` runs one config.
+//! `LORA_BENCH_THREADS` sets the rayon pool (default 2; 0 for the sequential path); OpenBLAS
+//! threads are set by `OPENBLAS_NUM_THREADS` (use 1 with a rayon pool: both at once oversubscribe). `LORA_BENCH_ONLY=tiny|bench` runs one config.
 
 use std::time::Duration;
 
@@ -72,7 +72,8 @@ fn random_model(config: &ModelConfig, threads: usize) -> Model<f32> {
     let mut lora = LoraConfig::new(16, 32.0, TargetModules::AllLinear);
     lora.init = Init::Random { b_std: 0.01 };
     model.add_lora(&lora).expect("all-linear matches");
-    model.with_parallelism(Parallelism::Threads(threads)).expect("thread pool")
+    let parallelism = if threads == 0 { Parallelism::Sequential } else { Parallelism::Threads(threads) };
+    model.with_parallelism(parallelism).expect("thread pool")
 }
 
 fn bench(c: &mut Criterion) {

@@ -285,7 +285,7 @@ impl<T: Scalar> Block<T> {
         grads[Proj::O as usize] =
             self.lin(Proj::O).backward(&dh2, &c.o, &c.lin[Proj::O as usize], &mut d_o, false, ctx.par);
         let (mut dq, mut dk, dv) =
-            ops::attention_backward(&d_o, &c.q, &c.k, &c.v, &c.probs, ctx.dims, ctx.keep, ctx.par);
+            ops::attention_backward(&d_o, [&c.q, &c.k, &c.v], &c.probs, ctx.dims, ctx.keep, ctx.par);
         ctx.rope.apply(&mut dq, ctx.dims.seq, ctx.dims.head_dim, true);
         ctx.rope.apply(&mut dk, ctx.dims.seq, ctx.dims.head_dim, true);
         let mut dx1 = Array2::zeros((n, h.ncols()));
@@ -442,12 +442,12 @@ impl<T: Scalar> Model<T> {
         }
     }
 
-    /// Final norm and output head: logits (rows, vocab) and what their backward pass needs.
-    fn head(&self, h: &Array2<T>) -> (Array2<T>, Array2<T>, Array1<T>) {
+    /// Final norm and output head: logits (rows, vocab) and the norm's 1 / rms per row.
+    fn head(&self, h: &Array2<T>) -> (Array2<T>, Array1<T>) {
         let (xf, rstd) = ops::rms_norm(h, &self.norm, self.config.rms_norm_eps, &self.par);
         let mut logits = Array2::zeros((h.nrows(), self.config.vocab_size));
         gemm(&self.par, T::one(), &xf, &self.lm_head().t(), T::zero(), &mut logits);
-        (logits, xf, rstd)
+        (logits, rstd)
     }
 
     /// Logits (sequences, positions, vocab), no dropout.
@@ -503,8 +503,7 @@ impl<T: Scalar> Model<T> {
                 caches.push(cache);
                 h = out;
             }
-            let (mut logits, xf, rstd) = self.head(&h);
-            drop(xf);
+            let (mut logits, rstd) = self.head(&h);
             let loss = self.cross_entropy(&mut logits, batch, Some(T::from_f64(1.0 / count as f64)));
             let mut dxf = Array2::zeros(h.raw_dim());
             gemm(&self.par, T::one(), &logits, self.lm_head(), T::zero(), &mut dxf);

@@ -206,9 +206,7 @@ pub(crate) fn attention<T: Scalar>(
 /// gradients of the query heads that share a kv head summed (in head order, deterministic).
 pub(crate) fn attention_backward<T: Scalar>(
     d_o: &Array2<T>,
-    q: &Array2<T>,
-    k: &Array2<T>,
-    v: &Array2<T>,
+    [q, k, v]: [&Array2<T>; 3],
     probs: &[Array2<T>],
     dims: AttnDims,
     keep: Option<&Array2<bool>>,

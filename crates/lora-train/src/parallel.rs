@@ -12,10 +12,15 @@ use crate::error::{Error, Result};
 
 /// How many threads the model's work runs on.
 ///
-/// Attention runs in parallel across (sequence, head) pairs and the loss across sequences;
-/// large products go through ndarray's `general_mat_mul` (a CBLAS when the final binary links
-/// one, whose own threads are set by the BLAS, e.g. `OPENBLAS_NUM_THREADS`). Results do not
-/// depend on the thread count: parallel pieces are combined in a fixed order.
+/// With a pool, attention runs in parallel across (sequence, head) pairs, the loss across
+/// sequences, and every large product and elementwise pass across fixed chunks of 128 rows
+/// (sequences x positions), each chunk one `general_mat_mul` (a CBLAS when the final binary
+/// links one). Results do not depend on the thread count: the chunks are the same and parallel
+/// pieces are combined in a fixed order.
+///
+/// A multi-threaded BLAS under a rayon pool oversubscribes the cores (measured: 3.5x slower on
+/// 2 cores); run OpenBLAS single-threaded (`OPENBLAS_NUM_THREADS=1`) with
+/// [`Parallelism::Threads`], and leave it threaded with [`Parallelism::Sequential`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Parallelism {
     /// Everything on the calling thread, no rayon: deterministic and the reference path.

@@ -194,3 +194,30 @@ fn targets_select_modules_by_name_path_and_regex() {
     assert_eq!(model.lora_modules(), ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"]);
     assert!(model.add_lora(&lora(TargetModules::List(vec!["lm_head".into()]))).is_err());
 }
+
+#[test]
+fn module_paths_round_trip() {
+    for p in crate::Proj::ALL {
+        assert_eq!(crate::Proj::parse_path(&p.module_path(3)), Some((3, p)));
+    }
+    assert_eq!(crate::Proj::parse_path("model.layers.0.self_attn.q_proj.lora_A"), None);
+    assert_eq!(crate::Proj::parse_path("lm_head"), None);
+}
+
+#[test]
+fn eval_needs_a_tokenizer_or_a_byte_vocabulary_and_whole_blocks() {
+    use crate::eval::{evaluate, tokenize, Tokenization};
+    let no_dir = std::path::Path::new("/nonexistent-model-dir");
+    let err = tokenize(no_dir, b"abc", "data.txt", 100).unwrap_err().to_string();
+    assert!(err.contains("no tokenizer.json") && err.contains("256"), "{err}");
+    let tokens = tokenize(no_dir, b"\x00\xffab", "data.txt", 256).unwrap();
+    assert_eq!((tokens.ids, tokens.tokenization), (vec![0, 255, 97, 98], Tokenization::Bytes));
+    let model = random_model(&qwen2_gqa_tied(), 6);
+    assert!(evaluate(&model, &[1, 2, 3], 4, 1).unwrap_err().to_string().contains("one block"));
+    assert!(evaluate(&model, &[1, 2, 3], 1, 1).is_err());
+    // the batch size changes nothing but memory
+    let ids: Vec<u32> = (0..50).map(|i| (i * 7 % 32) as u32).collect();
+    let (a, b) = (evaluate(&model, &ids, 8, 1).unwrap(), evaluate(&model, &ids, 8, 4).unwrap());
+    assert_eq!((a.blocks, a.tokens), (6, 6 * 7));
+    assert!((a.loss - b.loss).abs() < 1e-12 && (a.perplexity - a.loss.exp()).abs() < 1e-9);
+}
