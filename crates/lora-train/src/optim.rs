@@ -157,11 +157,11 @@ impl<T: Scalar> AdamW<T> {
                 [(&mut p.a, &g.a, &mut m.m_a, &mut m.v_a), (&mut p.b, &g.b, &mut m.m_b, &mut m.v_b)]
             {
                 Zip::from(param).and(grad).and(exp_avg).and(exp_avg_sq).for_each(|p, &g, m, v| {
-                    *p = *p * decay;
+                    *p *= decay;
                     *m = *m + w1 * (g - *m);
                     *v = *v * b2 + w2 * g * g;
                     let denom = v.sqrt() / bc2_sqrt + eps;
-                    *p = *p - step_size * (*m / denom);
+                    *p -= step_size * (*m / denom);
                 });
             }
         }
