@@ -4,3 +4,4 @@ mod io_fixtures;
 mod release;
 mod tidy;
 mod train_model;
+mod trainer;

@@ -1,6 +1,7 @@
 //! A Llama-family causal language model (Llama, Mistral, Qwen2, SmolLM, TinyLlama) with LoRA on
 //! any of its linear layers: forward pass, loss and a hand-written backward pass to every LoRA
-//! factor, on the CPU, with the numbers transformers and PEFT compute.
+//! factor, on the CPU, with the numbers transformers and PEFT compute; and the trainer around it
+//! (AdamW, schedules, clipping, accumulation, data, checkpoints that resume exactly).
 //!
 //! # Design
 //! - Weights come through lora-core's [`lora_core::TensorSource`] (lora-io implements it over
@@ -17,7 +18,40 @@
 //! - Adapters go in and out as lora-core [`lora_core::Adapter`]s named with PEFT's module paths
 //!   (`model.layers.0.self_attn.q_proj`), so a PEFT reader and writer plug in directly.
 //!
-//! # Example
+//! - Training ([`train`], [`Trainer`], [`TrainConfig`]): AdamW with PyTorch's arithmetic
+//!   ([`optim`]), transformers' warmup schedules, clipping by global norm, gradient accumulation
+//!   weighted by counted tokens, LoRA dropout, seeded PEFT initialisation. Every random draw is
+//!   derived from the seed and the counters (step, epoch), so a checkpoint (a PEFT folder plus
+//!   `trainer_state.json` and `optimizer.safetensors`, staged and renamed into place) resumes
+//!   bit for bit. Data ([`data`]): plain text or JSONL (`text`, or `prompt` / `completion` with
+//!   the loss on the completion only), packed into blocks, a validation tail, seeded epochs.
+//! - [`synthetic`]: a generated task (addition, reversal), held-out answer accuracy and a tiny
+//!   seeded model folder, for the demo and tests without downloads.
+//!
+//! # Example: training
+//! ```
+//! use std::ops::ControlFlow;
+//! use lora_train::data::{Dataset, TextTokenizer};
+//! use lora_train::synthetic::{generate, records, tiny_model, Task, TinyModelSpec};
+//! use lora_train::{TrainConfig, TrainLength, Trainer};
+//!
+//! let spec = TinyModelSpec { hidden: 16, intermediate: 32, layers: 1, heads: 2, kv_heads: 1, ..Default::default() };
+//! let examples = generate(Task::Addition { digits: 2 }, 50, 1);
+//! let recs = records(&examples, &TextTokenizer::bytes())?;
+//! let data = Dataset::from_records(&recs, 16, 0.1, "addition.jsonl".as_ref())?;
+//! let config = TrainConfig { rank: 2, lr: 1e-2, length: TrainLength::Steps(3), batch: 2, seq_len: 16, ..Default::default() };
+//! let mut trainer = Trainer::new(tiny_model(&spec)?, data, config)?;
+//! let summary = trainer.run(None, |step| {
+//!     println!("{}", step.to_json()); // step, loss, lr, tokens_per_second, ...
+//!     ControlFlow::Continue(())
+//! })?;
+//! assert_eq!(summary.steps, 3);
+//! assert!(summary.eval.is_some()); // the validation split is evaluated at the end
+//! let adapter = trainer.adapter()?; // lora-io's write_peft writes it as a PEFT folder
+//! # Ok::<(), lora_train::Error>(())
+//! ```
+//!
+//! # Example: the model
 //! ```
 //! use lora_core::{Init, MemorySource, DType, TargetModules};
 //! use lora_train::{Batch, LoraConfig, Model, ModelConfig, StepOptions};
@@ -62,20 +96,33 @@
 #![deny(missing_docs)]
 
 mod config;
+pub mod data;
 mod error;
 pub mod eval;
 mod linear;
 mod lora;
 mod model;
 mod ops;
+pub mod optim;
 mod parallel;
+pub mod synthetic;
+mod trainer;
 
 pub use config::{Architecture, ModelConfig};
 pub use error::{Error, Result};
 pub use linear::LoraGrad;
 pub use lora::{LoraConfig, LoraParamsMut};
 pub use model::{Batch, LoraGrads, Loss, Model, Proj, StepOptions, IGNORE_INDEX};
+pub use optim::{AdamW, AdamWConfig, Schedule};
 pub use parallel::Parallelism;
+pub use trainer::{
+    evaluate_blocks, latest_checkpoint, load_model, train, StepReport, TrainConfig, TrainLength, TrainSummary, Trainer,
+    OPTIMIZER_FILE, TRAINER_STATE_FILE,
+};
 
 #[cfg(test)]
+mod optim_tests;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod trainer_tests;
