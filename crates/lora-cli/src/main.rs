@@ -1,4 +1,4 @@
-//! The `lora` command: inspect, extract, merge, convert, resize, combine, eval and demo.
+//! The `lora` command: inspect, extract, merge, convert, resize, combine, train, eval and demo.
 //!
 //! Results go to stdout (`--json` for machines), progress bars and errors to stderr. Every output
 //! appears complete or not at all; an error is one line naming the file and tensor, exit code 1.
@@ -15,6 +15,7 @@ mod merge;
 mod plot;
 mod resize;
 mod source;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -44,6 +45,8 @@ enum Command {
     Resize(resize::ResizeArgs),
     /// Combine adapters: weighted sum, concatenation or SVD to a rank.
     Combine(combine::CombineArgs),
+    /// Fine-tune a LoRA on a Llama-family model on the CPU; writes a PEFT adapter folder.
+    Train(train::TrainArgs),
     /// Loss and perplexity of a model, with an adapter or without, on a text file.
     Eval(eval::EvalArgs),
     /// Run the toolkit end to end on a small seeded model (no files needed).
@@ -60,6 +63,7 @@ fn main() {
         Command::Convert(args) => convert::run(args),
         Command::Resize(args) => resize::run(args),
         Command::Combine(args) => combine::run(args),
+        Command::Train(args) => train::run(args, cli.quiet),
         Command::Eval(args) => eval::run(args),
         Command::Demo(args) => demo::run(args, cli.quiet),
     };

@@ -48,3 +48,32 @@ pub fn spectra_svg(path: &Path, spectra: &[(String, Vec<f64>, usize)]) -> Result
 fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("cannot draw the plot: {e:?}")
 }
+
+/// Curves of (step, value), one per named series, on linear axes.
+pub fn curves_svg(path: &Path, title: &str, series: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
+    let points = series.iter().flat_map(|(_, s)| s.iter());
+    let (x_max, y_lo, y_hi) = points.fold((1.0f64, f64::INFINITY, f64::NEG_INFINITY), |(x, lo, hi), (px, py)| {
+        (x.max(*px), lo.min(*py), hi.max(*py))
+    });
+    let (y_lo, y_hi) = if y_lo.is_finite() && y_hi > y_lo { (y_lo, y_hi) } else { (0.0, 1.0) };
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_max, y_lo..y_hi)
+        .map_err(plot_err)?;
+    chart.configure_mesh().x_desc("step").y_desc("loss").draw().map_err(plot_err)?;
+    for (k, (name, points)) in series.iter().enumerate() {
+        let color = Palette99::pick(k).to_rgba();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(plot_err)?
+            .label(name.clone());
+    }
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw().map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}

@@ -53,7 +53,7 @@ fn demo() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().expect("temp dir");
-        ok(&["demo", "--out", s(dir.path()), "--hidden", "64", "--rank", "8"]);
+        ok(&["demo", "--out", s(dir.path()), "--hidden", "64", "--rank", "8", "--train-steps", "20"]);
         dir
     })
     .path()
@@ -79,7 +79,7 @@ fn max_diff(a: &ndarray::Array2<f32>, b: &ndarray::Array2<f32>) -> f32 {
 
 #[test]
 fn every_command_has_help_with_an_example() {
-    for cmd in ["inspect", "extract", "merge", "convert", "resize", "combine", "demo"] {
+    for cmd in ["inspect", "extract", "merge", "convert", "resize", "combine", "train", "eval", "demo"] {
         let help = ok(&[cmd, "--help"]);
         assert!(help.contains("Example"), "lora {cmd} --help has no example:\n{help}");
     }
@@ -376,7 +376,7 @@ fn errors_name_the_file_and_leave_no_output() {
 
     // an adapter for another model: the shape error names the tensor
     let small = out.path().join("small");
-    ok(&["demo", "--out", s(&small), "--hidden", "32", "--rank", "2", "--layers", "1"]);
+    ok(&["demo", "--out", s(&small), "--hidden", "32", "--rank", "2", "--layers", "1", "--train-steps", "0"]);
     fails(
         &["merge", "--base", s(&dir.join("base")), "--adapter", s(&small.join("adapter")), "--out", s(&target)],
         &["model.layers.0.self_attn.q_proj"],
@@ -496,4 +496,59 @@ fn merge_and_extract_agree_with_peft_on_its_fixtures() {
         let diff = max_model_diff(&remerged, &dir.join("merged"));
         assert!(diff <= 1e-4, "{case}: extract + merge differs from PEFT's merged model by {diff:e}");
     }
+}
+
+#[test]
+fn train_writes_a_peft_adapter_and_resumes_exactly() {
+    let dir = demo();
+    let out = tmp();
+    let (base, data) = (dir.join("tiny-llama"), dir.join("addition.jsonl"));
+    // a constant schedule, so that a 3-step run is the first half of a 6-step one
+    let common = [
+        "--rank",
+        "2",
+        "--batch",
+        "2",
+        "--seq-len",
+        "32",
+        "--lr",
+        "1e-2",
+        "--schedule",
+        "constant",
+        "--threads",
+        "1",
+        "--quiet",
+    ];
+    let full = out.path().join("full");
+    let mut args = vec!["train", "--base", s(&base), "--data", s(&data), "--out", s(&full), "--steps", "6", "--json"];
+    args.extend(common);
+    let summary = json(&args);
+    assert_eq!(summary["steps"], 6);
+    let metrics = std::fs::read_to_string(full.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 6);
+    let adapter = lora_io::read_peft::<f32>(&full).unwrap();
+    assert_eq!(adapter.len(), 14, "all-linear on 2 layers");
+
+    // stopped after 3 steps (a checkpoint), resumed to 6: the same adapter
+    let split = out.path().join("split");
+    let mut first =
+        vec!["train", "--base", s(&base), "--data", s(&data), "--out", s(&split), "--steps", "3", "--save-every", "3"];
+    first.extend(common);
+    ok(&first);
+    let mut second =
+        vec!["train", "--base", s(&base), "--data", s(&data), "--out", s(&split), "--steps", "6", "--resume"];
+    second.extend(common);
+    ok(&second);
+    let resumed = lora_io::read_peft::<f32>(&split).unwrap();
+    for (name, m) in adapter.modules() {
+        let r = resumed.module(name).unwrap().layer();
+        assert!(
+            max_diff(r.a(), m.layer().a()) <= 1e-6 && max_diff(r.b(), m.layer().b()) <= 1e-6,
+            "{name} differs after resume"
+        );
+    }
+    fails(
+        &["train", "--base", s(&base), "--data", "/no/such/data.jsonl", "--out", s(&out.path().join("x"))],
+        &["/no/such/data.jsonl"],
+    );
 }
