@@ -27,7 +27,8 @@ fn main() {
     let (n, d, r) = (512, 4096, 16);
     let w = random(d, d, 1) * 0.01;
     let x = random(n, d, 2);
-    let lora = LoraLayer::<f32>::init(d, d, r, 32.0, Scaling::Standard, Init::Random { b_std: 0.02 }, 3).expect("layer");
+    let lora =
+        LoraLayer::<f32>::init(d, d, r, 32.0, Scaling::Standard, Init::Random { b_std: 0.02 }, 3).expect("layer");
     let (mut base, mut adapted, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..pairs + 2 {
         let t = Instant::now();
