@@ -56,6 +56,8 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // training and merging free and re-take blocks of many MiB; keep them (see the function)
+    lora_train::retain_freed_memory();
     let result: Result<()> = match &cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Extract(args) => extract::run(args, cli.quiet),

@@ -77,6 +77,7 @@ fn random_model(config: &ModelConfig, threads: usize) -> Model<f32> {
 }
 
 fn bench(c: &mut Criterion) {
+    lora_train::retain_freed_memory();
     let threads = std::env::var("LORA_BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     let only = std::env::var("LORA_BENCH_ONLY").ok();
     for case in CASES.iter().filter(|c| only.as_deref().is_none_or(|o| o == c.name)) {

@@ -138,13 +138,23 @@ impl<T: Scalar> Linear<T> {
             }
         });
         let xa = cache.xa.as_ref().expect("the forward pass keeps x Aᵀ when there is a LoRA branch");
-        let mut db = Array2::zeros(lora.b.raw_dim());
-        general_mat_mul(s, &dy.t(), xa, T::zero(), &mut db);
-        let mut da = Array2::zeros(lora.a.raw_dim());
-        match &cache.mask {
-            None => general_mat_mul(s, &gb.t(), x, T::zero(), &mut da),
-            Some(mask) => general_mat_mul(s, &gb.t(), &(x * mask), T::zero(), &mut da),
-        }
+        // two thin products over all n rows (r x n times n x d): one per thread rather than one
+        // after the other while the other core waits
+        let (da, db) = par.join(
+            || {
+                let mut da = Array2::zeros(lora.a.raw_dim());
+                match &cache.mask {
+                    None => general_mat_mul(s, &gb.t(), x, T::zero(), &mut da),
+                    Some(mask) => general_mat_mul(s, &gb.t(), &(x * mask), T::zero(), &mut da),
+                }
+                da
+            },
+            || {
+                let mut db = Array2::zeros(lora.b.raw_dim());
+                general_mat_mul(s, &dy.t(), xa, T::zero(), &mut db);
+                db
+            },
+        );
         Some(LoraGrad { a: da, b: db })
     }
 

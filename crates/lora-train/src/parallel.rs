@@ -76,6 +76,14 @@ impl Par {
         }
     }
 
+    /// `(a(), b())`, the two run in parallel when there is a pool.
+    pub(crate) fn join<A: Send, B: Send>(&self, a: impl FnOnce() -> A + Send, b: impl FnOnce() -> B + Send) -> (A, B) {
+        match &self.pool {
+            Some(_) => rayon::join(a, b),
+            None => (a(), b()),
+        }
+    }
+
     /// `f(first_row, chunk)` on consecutive chunks of [`ROW_CHUNK`] rows of `out`, in parallel
     /// when there is a pool. The chunks are the same whatever the thread count, so results are
     /// too.
@@ -100,4 +108,28 @@ pub(crate) fn gemm<T: Scalar>(par: &Par, alpha: T, a: &ArrayRef2<T>, b: &ArrayRe
         let rows = first..first + chunk.nrows();
         general_mat_mul(alpha, &a.slice(s![rows, ..]), b, beta, &mut chunk);
     });
+}
+
+/// Ask the C allocator to keep freed memory for reuse instead of returning it to the system.
+///
+/// A training step allocates and frees activations of several MiB to tens of MiB many times.
+/// glibc's defaults hand such blocks back (munmap, or trimming the heap top) and take them again
+/// on the next allocation, so every step pays page faults, zeroing of fresh pages and TLB
+/// shootdowns across cores (interrupts, which are expensive in a virtual machine). Measured on
+/// the issue-6 bench config (2 cores, a VM): kernel time fell from about 30% of the samples to
+/// 4%, and the step from 1.97-2.16 s to 1.90 s (docs/benchmarks.md). Peak memory is unchanged:
+/// freed blocks are reused, not added to.
+///
+/// This changes a process-wide setting, so the library never calls it on its own: the `lora`
+/// binary and the benches do, at start-up. A no-op outside Linux with glibc.
+#[allow(unsafe_code)] // mallopt: the one call into C here
+pub fn retain_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it is called before any worker thread
+    // exists in the binaries that use it, and glibc serialises it with its own lock anyway.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
 }
