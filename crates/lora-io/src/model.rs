@@ -214,6 +214,7 @@ pub fn write_model(
                 }
                 None if stored.is_none() || options.dtype.is_none() || options.dtype == stored => {
                     w.write_raw(name, file.raw(name).expect("listed"))?;
+                    file.release(name);
                 }
                 None => w.write(name, &file.tensor_f32(name)?)?,
             }

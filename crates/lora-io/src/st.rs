@@ -135,6 +135,18 @@ impl SafetensorsFile {
         self.tensors.get(name).map(|e| &self.bytes.as_slice()[self.data_start + e.start..self.data_start + e.end])
     }
 
+    /// Drop the pages holding a tensor's bytes from this process's resident memory (the kernel
+    /// keeps them in its page cache; a later read maps them again). Decoding does this on its
+    /// own, so a pass over a model keeps one tensor's pages resident at a time, not the whole
+    /// file: extracting from two 2 GB models would otherwise end with 4 GB resident. Callers
+    /// that copy [`SafetensorsFile::raw`] bytes call it when done with them.
+    pub fn release(&self, name: &str) {
+        if let Some(e) = self.tensors.get(name) {
+            let Bytes::Map(map) = &self.bytes;
+            release_pages(map, self.data_start + e.start, e.end - e.start);
+        }
+    }
+
     /// Total bytes of tensor data.
     pub fn data_len(&self) -> usize {
         self.bytes.as_slice().len() - self.data_start
@@ -160,6 +172,7 @@ impl SafetensorsFile {
         let raw = self.raw(name).expect("entry exists");
         let values = f(entry.dtype, raw)
             .map_err(|()| Error::UnsupportedDType { at: self.at(name), dtype: dtype_name(entry.dtype) })?;
+        self.release(name);
         ArrayD::from_shape_vec(IxDyn(&entry.shape), values).map_err(|_| Error::Shape {
             at: self.at(name),
             expected: format!("{} elements", entry.shape.iter().product::<usize>()),
@@ -200,6 +213,21 @@ pub(crate) fn from_core(path: &Path, name: &str, e: lora_core::Error) -> Error {
         },
         other => Error::core(Location::tensor(path, name), other),
     }
+}
+
+#[allow(unsafe_code)]
+fn release_pages(map: &Mmap, offset: usize, len: usize) {
+    #[cfg(unix)]
+    if len > 0 {
+        // SAFETY: the map is a read-only, shared mapping of a file: MADV_DONTNEED removes the
+        // pages from this process's page tables and a later access faults them in again from
+        // the same file, so every byte (and every reference into the map) reads the same
+        // values. The range lies inside the map (an entry of its validated header). A failure
+        // only means the pages stay resident, so it is ignored.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
+    }
+    #[cfg(not(unix))]
+    let _ = (map, offset, len);
 }
 
 #[allow(unsafe_code)]
