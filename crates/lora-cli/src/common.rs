@@ -8,8 +8,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lora_core::DType;
-use lora_io::Format;
+use lora_io::{Format, WriteOptions};
 use lora_svd::{Criterion, RankRule};
+
+use crate::source::{open_model, Model};
 
 /// One rank rule (exactly one of the five) with its floor and cap, as `extract` and `resize` take.
 #[derive(Debug, Clone, Args)]
@@ -104,6 +106,72 @@ impl From<FormatArg> for Format {
             FormatArg::Kohya => Format::Kohya,
             FormatArg::Gguf => Format::Gguf,
         }
+    }
+}
+
+/// The output flags every writing command shares: where, in which dtype, whether to replace an
+/// existing output, and whether to print the summary as JSON.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct OutputArgs {
+    /// Where to write: a folder for PEFT adapters and models, a file for kohya and GGUF.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Stored dtype (default: the input's).
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl OutputArgs {
+    /// `--out PATH --force --json`, as the demo runs the commands.
+    pub fn replacing(out: PathBuf) -> Self {
+        OutputArgs { out, dtype: None, force: true, json: true }
+    }
+
+    /// The chosen dtype, if any.
+    pub fn dtype(&self) -> Option<DType> {
+        self.dtype.map(DType::from)
+    }
+
+    /// Adapter write options: the chosen dtype and the base model's config.json.
+    pub fn write_options(&self, base: Option<&Model>) -> WriteOptions {
+        WriteOptions { dtype: self.dtype(), base_config: base.and_then(|b| b.config().cloned()) }
+    }
+
+    /// Write the output through [`write_output`].
+    pub fn write(&self, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        write_output(&self.out, self.force, write)
+    }
+}
+
+/// The output format and the optional base model of the commands that rewrite adapters
+/// (`resize`, `combine`).
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct AdapterOutputArgs {
+    /// Output format (default: the (first) input's).
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+    /// The base model, for kohya names and GGUF architecture.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+}
+
+impl AdapterOutputArgs {
+    /// The base model, opened, when one was given.
+    pub fn open_base(&self) -> Result<Option<Model>> {
+        self.base.as_deref().map(|p| open_model(p, "base")).transpose()
+    }
+
+    /// The format to write: the one given, else that of `input`.
+    pub fn format_or_that_of(&self, input: &Path) -> Result<Format> {
+        Ok(self.format.map_or_else(|| lora_io::detect_format(input), |f| Ok(f.into()))?)
     }
 }
 

@@ -18,7 +18,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::json;
 
-use crate::common::{write_output, FormatArg, RankArgs};
+use crate::common::{write_output, AdapterOutputArgs, FormatArg, OutputArgs, RankArgs};
 
 /// Options of `lora demo`.
 #[derive(Debug, Args)]
@@ -326,7 +326,6 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
     let extract = crate::extract::ExtractArgs {
         base: path("base"),
         tuned: path("tuned"),
-        out: path("adapter"),
         rank: rank_args(args.rank),
         method: crate::extract::MethodArg::Randomized,
         seed: args.seed,
@@ -335,12 +334,10 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
         exclude: None,
         save_untouched: false,
         format: FormatArg::Peft,
-        dtype: None,
         threads: None,
         report: Some(path("extract-report.json")),
         plot: Some(path("spectra.svg")),
-        force: true,
-        json: true,
+        output: OutputArgs::replacing(path("adapter")),
     };
     let s = crate::extract::execute(&extract, quiet)?;
     let extract_error = s["max_relative_error"].as_f64().unwrap_or(f64::NAN);
@@ -361,13 +358,9 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
     let t = Instant::now();
     let resize = crate::resize::ResizeArgs {
         adapter: path("adapter"),
-        out: path("adapter-r8"),
         rank: rank_args((args.rank / 2).max(1)),
-        format: None,
-        dtype: None,
-        base: None,
-        force: true,
-        json: true,
+        target: AdapterOutputArgs { format: None, base: None },
+        output: OutputArgs::replacing(path("adapter-r8")),
     };
     let s = crate::resize::execute(&resize)?;
     rows.push(Row {
@@ -387,13 +380,10 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
     let merge = crate::merge::MergeArgs {
         base: path("base"),
         adapter: path("adapter"),
-        out: path("merged"),
         scale: 1.0,
-        dtype: None,
         unmerge: false,
         threads: None,
-        force: true,
-        json: true,
+        output: OutputArgs::replacing(path("merged")),
     };
     crate::merge::execute(&merge, quiet)?;
     let seconds = t.elapsed().as_secs_f64();
@@ -421,11 +411,8 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
         let convert = crate::convert::ConvertArgs {
             input: path("adapter"),
             to,
-            out: path(name),
             base: Some(path("base")),
-            dtype: None,
-            force: true,
-            json: true,
+            output: OutputArgs::replacing(path(name)),
         };
         crate::convert::execute(&convert)?;
         let seconds = t.elapsed().as_secs_f64();

@@ -12,7 +12,7 @@ use lora_svd::{
 };
 use serde_json::json;
 
-use crate::common::{print_json, progress_bar, set_threads, write_output, DTypeArg, FormatArg, RankArgs};
+use crate::common::{print_json, progress_bar, set_threads, write_output, FormatArg, OutputArgs, RankArgs};
 use crate::source::open_model;
 
 /// Options of `lora extract`.
@@ -28,9 +28,6 @@ pub struct ExtractArgs {
     /// The fine-tuned model, same architecture.
     #[arg(long)]
     pub tuned: PathBuf,
-    /// Where to write the adapter (a folder for PEFT, a file for kohya and GGUF).
-    #[arg(long)]
-    pub out: PathBuf,
     #[command(flatten)]
     pub rank: RankArgs,
     /// How to compute the SVD: randomized when the rank is small against the matrix, or always
@@ -55,9 +52,6 @@ pub struct ExtractArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = FormatArg::Peft)]
     pub format: FormatArg,
-    /// Stored dtype of the adapter (default: the tuned model's).
-    #[arg(long, value_enum)]
-    pub dtype: Option<DTypeArg>,
     /// Threads (default: all cores). Layers are factored in parallel, one BLAS thread each.
     #[arg(long)]
     pub threads: Option<usize>,
@@ -67,12 +61,8 @@ pub struct ExtractArgs {
     /// Plot the singular-value spectra with the chosen ranks to this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
-    /// Replace an existing output.
-    #[arg(long)]
-    pub force: bool,
-    /// Print the summary as JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// `--method`.
@@ -100,7 +90,7 @@ impl MethodArg {
 /// Run `lora extract` and print its summary.
 pub fn run(args: &ExtractArgs, quiet: bool) -> Result<()> {
     let summary = execute(args, quiet)?;
-    if args.json {
+    if args.output.json {
         print_json(&summary);
     } else {
         print_summary(&summary);
@@ -152,11 +142,9 @@ pub fn execute(args: &ExtractArgs, quiet: bool) -> Result<serde_json::Value> {
         skipped.extend(extraction.not_extracted.iter().map(|n| (n.name.clone(), format!("{:?}", n.reason))));
     }
 
-    let dtype: DType = args.dtype.map_or_else(|| tuned.main_dtype(), DType::from);
+    let dtype: DType = args.output.dtype().unwrap_or_else(|| tuned.main_dtype());
     let options = WriteOptions { dtype: Some(dtype), base_config: base.config().cloned() };
-    write_output(&args.out, args.force, |path| {
-        Ok(lora_io::write_adapter_with(&adapter, path, args.format.into(), &options)?)
-    })?;
+    args.output.write(|path| Ok(lora_io::write_adapter_with(&adapter, path, args.format.into(), &options)?))?;
 
     if let Some(path) = &args.report {
         let report = report_json(&extraction);
@@ -174,7 +162,7 @@ pub fn execute(args: &ExtractArgs, quiet: bool) -> Result<serde_json::Value> {
     let count = adapter.param_count();
     let worst = extraction.modules.values().map(|m| m.report.relative_error).fold(0.0, f64::max);
     let summary = json!({
-        "out": args.out,
+        "out": args.output.out,
         "format": lora_io::Format::from(args.format).name(),
         "modules": adapter.len(),
         "ranks": extraction.modules.iter().map(|(n, m)| (n.clone(), m.report.rank)).collect::<indexmap::IndexMap<_, _>>(),

@@ -5,12 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use lora_core::DType;
 use lora_io::{ModelFolder, ModelWriteOptions};
 use ndarray::Ix2;
 use serde_json::json;
 
-use crate::common::{print_json, progress_bar, set_threads, write_output, DTypeArg};
+use crate::common::{print_json, progress_bar, set_threads, OutputArgs};
 use crate::source::Model;
 
 /// Options of `lora merge`.
@@ -24,33 +23,23 @@ pub struct MergeArgs {
     /// The adapter (PEFT folder, kohya file or GGUF).
     #[arg(long)]
     pub adapter: PathBuf,
-    /// The output model folder: same shards, index and non-weight files as the base.
-    #[arg(long)]
-    pub out: PathBuf,
     /// Multiply the adapter's delta by S before merging.
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
-    /// Stored dtype of every float tensor (default: each tensor keeps the base's).
-    #[arg(long, value_enum)]
-    pub dtype: Option<DTypeArg>,
     /// Subtract the adapter instead (W - s B A): takes a merge back out.
     #[arg(long)]
     pub unmerge: bool,
     /// Threads for the products (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Replace an existing output.
-    #[arg(long)]
-    pub force: bool,
-    /// Print the summary as JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// Run `lora merge` and print its summary.
 pub fn run(args: &MergeArgs, quiet: bool) -> Result<()> {
     let s = execute(args, quiet)?;
-    if args.json {
+    if args.output.json {
         print_json(&s);
     } else {
         println!(
@@ -62,7 +51,7 @@ pub fn run(args: &MergeArgs, quiet: bool) -> Result<()> {
                 _ => String::new(),
             },
             s["seconds"].as_f64().unwrap_or(0.0),
-            args.out.display()
+            args.output.out.display()
         );
     }
     Ok(())
@@ -108,8 +97,8 @@ pub fn execute(args: &MergeArgs, quiet: bool) -> Result<serde_json::Value> {
     let bar = progress_bar(folder.names().count() as u64, quiet, if args.unmerge { "unmerge" } else { "merge" });
     let mut merged = 0usize;
     let mut replaced = 0usize;
-    let options = ModelWriteOptions { dtype: args.dtype.map(DType::from) };
-    write_output(&args.out, args.force, |staged| {
+    let options = ModelWriteOptions { dtype: args.output.dtype() };
+    args.output.write(|staged| {
         lora_io::write_model(folder, staged, &options, |name| {
             bar.inc(1);
             if let Some(module) = by_weight.get(name) {
@@ -140,7 +129,7 @@ pub fn execute(args: &MergeArgs, quiet: bool) -> Result<serde_json::Value> {
     bar.finish_and_clear();
 
     let summary = json!({
-        "out": args.out,
+        "out": args.output.out,
         "merged_modules": merged,
         "replaced_tensors": replaced,
         "unmerge": args.unmerge,
