@@ -223,8 +223,11 @@ mod blas {
 }
 
 /// Write an output (a file or a folder) so that it appears complete or not at all: `write` fills a
-/// temporary path in the same folder, which is renamed onto `out` only when it succeeded. An
-/// existing `out` is refused unless `force`, and then replaced only after the new one is complete.
+/// temporary path in the same folder (`.NAME.lora-tmp-PID`), which takes the place of `out` in
+/// one step only when it succeeded ([`lora_io::rename_into_place`]). An existing `out` is refused
+/// unless `force`, also when another process creates it meanwhile; with `force` the old output
+/// stays whole at its path until the new one replaces it. Temporary paths left by a killed run
+/// (whose process is gone) are removed first.
 pub fn write_output(out: &Path, force: bool, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     if out.exists() && !force {
         bail!("{} exists; pass --force to replace it", out.display());
@@ -233,24 +236,51 @@ pub fn write_output(out: &Path, force: bool, write: impl FnOnce(&Path) -> Result
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    if parent.exists() && !parent.is_dir() {
+        bail!("{} is not a folder: cannot write {} there", parent.display(), out.display());
+    }
     std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
     let name = out.file_name().with_context(|| format!("{} has no file name", out.display()))?.to_string_lossy();
+    remove_stale(&parent, &name);
     let staged = parent.join(format!(".{name}.lora-tmp-{}", std::process::id()));
     remove_path(&staged)?;
     if let Err(err) = write(&staged) {
         let _ = remove_path(&staged);
-        return Err(err);
+        return Err(err.context(format!("cannot write {}", out.display())));
     }
-    if out.exists() {
-        let old = parent.join(format!(".{name}.lora-old-{}", std::process::id()));
-        remove_path(&old)?;
-        std::fs::rename(out, &old).with_context(|| format!("cannot move the old {} aside", out.display()))?;
-        std::fs::rename(&staged, out).with_context(|| format!("cannot move the new output to {}", out.display()))?;
-        remove_path(&old)?;
-    } else {
-        std::fs::rename(&staged, out).with_context(|| format!("cannot move the new output to {}", out.display()))?;
+    let existing = if force { lora_io::Existing::Replace } else { lora_io::Existing::Refuse };
+    if let Err(err) = lora_io::rename_into_place(&staged, out, existing) {
+        let _ = remove_path(&staged);
+        if let lora_io::Error::Io { source, .. } = &err {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                bail!("{} exists (another run wrote it meanwhile); pass --force to replace it", out.display());
+            }
+        }
+        return Err(err.into());
     }
     Ok(())
+}
+
+/// Remove what a killed run writing `name` in `dir` left: `.NAME.lora-tmp-PID` (the staged
+/// output), `..NAME.lora-tmp-PID.*.tmp` (lora-io's temporary file for it) and `.NAME.lora-old-PID`,
+/// when process PID no longer runs. Where running processes cannot be listed (no /proc), nothing
+/// is removed: the leftovers are ignored, as their names never collide with a new run's.
+fn remove_stale(dir: &Path, name: &str) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let prefixes = [format!(".{name}.lora-tmp-"), format!("..{name}.lora-tmp-"), format!(".{name}.lora-old-")];
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(file_name) = file_name.to_str() else { continue };
+        let Some(rest) = prefixes.iter().find_map(|p| file_name.strip_prefix(p.as_str())) else { continue };
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let Ok(pid) = digits.parse::<u32>() else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = remove_path(&entry.path());
+        }
+    }
 }
 
 fn remove_path(path: &Path) -> Result<()> {

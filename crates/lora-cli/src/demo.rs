@@ -333,6 +333,7 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
         include: None,
         exclude: None,
         save_untouched: false,
+        allow_nonfinite: false,
         format: FormatArg::Peft,
         threads: None,
         report: Some(path("extract-report.json")),
@@ -382,6 +383,7 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
         adapter: path("adapter"),
         scale: 1.0,
         unmerge: false,
+        allow_nonfinite: false,
         threads: None,
         output: OutputArgs::replacing(path("merged")),
     };

@@ -12,6 +12,7 @@ use lora_train::{latest_checkpoint, train, TrainConfig, TrainLength};
 use serde_json::json;
 
 use crate::common::{print_json, progress_bar, set_threads};
+use crate::finite::{Checker, NonFinite};
 
 /// Options of `lora train`.
 #[derive(Debug, Args)]
@@ -181,6 +182,8 @@ pub fn run(args: &TrainArgs, quiet: bool) -> Result<()> {
 /// Train; the summary is what `--json` prints.
 pub fn execute(args: &TrainArgs, quiet: bool) -> Result<serde_json::Value> {
     let config = args.config()?;
+    // NaN or an infinity in the base would only show later as a non-finite loss.
+    Checker::new(NonFinite::Refuse, None).check_model(&crate::source::open_model(&args.base, "base")?)?;
     // The trainer's own pool splits the work; OpenBLAS under it runs single-threaded.
     set_threads(None, Some(1))?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
