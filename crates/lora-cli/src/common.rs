@@ -283,7 +283,8 @@ fn remove_stale(dir: &Path, name: &str) {
     }
 }
 
-fn remove_path(path: &Path) -> Result<()> {
+/// Remove a file or a folder with its contents; a missing path is fine.
+pub fn remove_path(path: &Path) -> Result<()> {
     match std::fs::symlink_metadata(path) {
         Err(_) => Ok(()),
         Ok(m) if m.is_dir() => {

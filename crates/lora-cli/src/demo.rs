@@ -268,6 +268,7 @@ fn train_step(out: &Path, args: &DemoArgs, quiet: bool) -> Result<Row> {
         resume: false,
         resume_from: None,
         plot: Some(out.join("training-loss.svg")),
+        force: true,
         json: true,
     };
     let summary = crate::train::execute(&train, quiet)?;

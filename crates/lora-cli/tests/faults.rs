@@ -319,7 +319,10 @@ fn train_inputs(root: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn train(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a = args(&["train", "--base", s(model), "--data", s(data), "--out", s(out), "--steps", "30"]);
+    let mut a = args(&["train", "--base", s(model), "--data", s(data), "--out", s(out)]);
+    if !extra.contains(&"--steps") {
+        a.extend(args(&["--steps", "30"]));
+    }
     a.extend(args(&["--save-every", "1", "--rank", "16", "--batch", "2", "--seq-len", "32", "--threads", "1"]));
     a.extend(args(&["--schedule", "constant", "--quiet"]));
     a.extend(args(extra));
@@ -349,7 +352,7 @@ fn killed_training_leaves_whole_checkpoints_and_resumes() {
     let run = dir.path().join("run");
     let mut caught = 0;
     for when in [When::AfterStaging(0), When::AfterStaging(3), When::AfterStaging(15), When::AfterStart(300)] {
-        let resume: &[&str] = if checkpoints(&run).is_empty() { &[] } else { &["--resume"] };
+        let resume: &[&str] = if checkpoints(&run).is_empty() { &["--force"] } else { &["--resume"] };
         caught += usize::from(run_and_kill(&train(&model, &data, &run, resume), when, |_, started| {
             staged_checkpoints(&run).iter().any(|n| {
                 let modified = std::fs::metadata(run.join(n)).and_then(|m| m.modified());
@@ -365,7 +368,7 @@ fn killed_training_leaves_whole_checkpoints_and_resumes() {
         }
     }
     assert!(caught > 0, "no kill landed while a checkpoint was being written");
-    let resume: &[&str] = if checkpoints(&run).is_empty() { &[] } else { &["--resume"] };
+    let resume: &[&str] = if checkpoints(&run).is_empty() { &["--force"] } else { &["--resume"] };
     ok(&train(&model, &data, &run, resume));
     assert!(run.join("adapter_config.json").exists() && run.join("checkpoint-30").exists());
     assert_eq!(staged_checkpoints(&run), Vec::<String>::new(), "staged checkpoints of killed runs are left");
@@ -479,6 +482,17 @@ fn an_existing_output_is_refused_without_force() {
         assert!(snapshot(&out).unwrap() != before, "{cmd} --force did not replace the output");
         assert_eq!(leftovers(&out), Vec::<String>::new(), "{cmd}");
     }
+    // train: a folder holding an earlier run needs --resume or --force
+    let dir = tmp();
+    let (model, data) = train_inputs(dir.path());
+    let run = dir.path().join("run");
+    let short = ["--steps", "2"];
+    ok(&train(&model, &data, &run, &short));
+    let before = snapshot(&run).unwrap();
+    fails(&train(&model, &data, &run, &short), &["holds an earlier run", "checkpoint-1", "--resume", "--force"]);
+    assert!(snapshot(&run).unwrap() == before, "train changed the folder of the run it refused to replace");
+    ok(&train(&model, &data, &run, &["--steps", "1", "--force"]));
+    assert!(run.join("checkpoint-1").exists() && !run.join("checkpoint-2").exists(), "--force starts over");
 }
 
 #[test]
