@@ -1,16 +1,11 @@
 //! `lora combine`: several adapters on the same base joined into one.
 
-use std::path::PathBuf;
-
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use lora_core::DType;
-use lora_io::WriteOptions;
 use lora_svd::{CombineMethod, RankRule};
 use serde_json::json;
 
-use crate::common::{print_json, split_weight, write_output, DTypeArg, FormatArg};
-use crate::source::open_model;
+use crate::common::{print_json, split_weight, AdapterOutputArgs, OutputArgs};
 
 /// Options of `lora combine`.
 #[derive(Debug, Args)]
@@ -27,24 +22,10 @@ pub struct CombineArgs {
     /// Target rank of --method svd (default: the largest input rank per module).
     #[arg(long)]
     pub rank: Option<usize>,
-    /// Where to write the combined adapter.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Output format (default: the first input's).
-    #[arg(long, value_enum)]
-    pub format: Option<FormatArg>,
-    /// Stored dtype (default: the first input's).
-    #[arg(long, value_enum)]
-    pub dtype: Option<DTypeArg>,
-    /// The base model, for kohya names and GGUF architecture.
-    #[arg(long)]
-    pub base: Option<PathBuf>,
-    /// Replace an existing output.
-    #[arg(long)]
-    pub force: bool,
-    /// Print the summary as JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub target: AdapterOutputArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// `--method`.
@@ -60,7 +41,7 @@ pub enum MethodArg {
 
 /// Run `lora combine`.
 pub fn run(args: &CombineArgs) -> Result<()> {
-    let base = args.base.as_deref().map(|p| open_model(p, "base")).transpose()?;
+    let base = args.target.open_base()?;
     let method = match (args.method, args.rank) {
         (MethodArg::Linear, None) => CombineMethod::Linear,
         (MethodArg::Cat, None) => CombineMethod::Cat,
@@ -77,15 +58,12 @@ pub fn run(args: &CombineArgs) -> Result<()> {
     let refs: Vec<_> = adapters.iter().collect();
     let (combined, reports) = lora_svd::combine_adapters(&refs, &weights, &method)?;
     let first = split_weight(&args.adapters[0]).0;
-    let format = args.format.map_or_else(|| lora_io::detect_format(&first), |f| Ok(f.into()))?;
-    let options = WriteOptions {
-        dtype: args.dtype.map(DType::from),
-        base_config: base.as_ref().and_then(|b| b.config().cloned()),
-    };
-    write_output(&args.out, args.force, |path| Ok(lora_io::write_adapter_with(&combined, path, format, &options)?))?;
-    if args.json {
+    let format = args.target.format_or_that_of(&first)?;
+    let options = args.output.write_options(base.as_ref());
+    args.output.write(|path| Ok(lora_io::write_adapter_with(&combined, path, format, &options)?))?;
+    if args.output.json {
         print_json(&json!({
-            "out": args.out,
+            "out": args.output.out,
             "modules": reports.iter().map(|(n, r)| json!({"module": n, "rank": r.rank, "relative_error": r.relative_error})).collect::<Vec<_>>(),
         }));
     } else {
@@ -94,7 +72,7 @@ pub fn run(args: &CombineArgs) -> Result<()> {
             "combined {} adapters into {} modules (worst relative error {worst:.3e}); wrote {}",
             adapters.len(),
             combined.len(),
-            args.out.display()
+            args.output.out.display()
         );
     }
     Ok(())

@@ -8,8 +8,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lora_core::DType;
-use lora_io::Format;
+use lora_io::{Format, WriteOptions};
 use lora_svd::{Criterion, RankRule};
+
+use crate::source::{open_model, Model};
 
 /// One rank rule (exactly one of the five) with its floor and cap, as `extract` and `resize` take.
 #[derive(Debug, Clone, Args)]
@@ -107,6 +109,72 @@ impl From<FormatArg> for Format {
     }
 }
 
+/// The output flags every writing command shares: where, in which dtype, whether to replace an
+/// existing output, and whether to print the summary as JSON.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct OutputArgs {
+    /// Where to write: a folder for PEFT adapters and models, a file for kohya and GGUF.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Stored dtype (default: the input's).
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl OutputArgs {
+    /// `--out PATH --force --json`, as the demo runs the commands.
+    pub fn replacing(out: PathBuf) -> Self {
+        OutputArgs { out, dtype: None, force: true, json: true }
+    }
+
+    /// The chosen dtype, if any.
+    pub fn dtype(&self) -> Option<DType> {
+        self.dtype.map(DType::from)
+    }
+
+    /// Adapter write options: the chosen dtype and the base model's config.json.
+    pub fn write_options(&self, base: Option<&Model>) -> WriteOptions {
+        WriteOptions { dtype: self.dtype(), base_config: base.and_then(|b| b.config().cloned()) }
+    }
+
+    /// Write the output through [`write_output`].
+    pub fn write(&self, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        write_output(&self.out, self.force, write)
+    }
+}
+
+/// The output format and the optional base model of the commands that rewrite adapters
+/// (`resize`, `combine`).
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct AdapterOutputArgs {
+    /// Output format (default: the (first) input's).
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+    /// The base model, for kohya names and GGUF architecture.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+}
+
+impl AdapterOutputArgs {
+    /// The base model, opened, when one was given.
+    pub fn open_base(&self) -> Result<Option<Model>> {
+        self.base.as_deref().map(|p| open_model(p, "base")).transpose()
+    }
+
+    /// The format to write: the one given, else that of `input`.
+    pub fn format_or_that_of(&self, input: &Path) -> Result<Format> {
+        Ok(self.format.map_or_else(|| lora_io::detect_format(input), |f| Ok(f.into()))?)
+    }
+}
+
 /// A progress bar on stderr, hidden when stderr is not a terminal or with `--quiet`.
 pub fn progress_bar(len: u64, quiet: bool, what: &str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
@@ -155,8 +223,11 @@ mod blas {
 }
 
 /// Write an output (a file or a folder) so that it appears complete or not at all: `write` fills a
-/// temporary path in the same folder, which is renamed onto `out` only when it succeeded. An
-/// existing `out` is refused unless `force`, and then replaced only after the new one is complete.
+/// temporary path in the same folder (`.NAME.lora-tmp-PID`), which takes the place of `out` in
+/// one step only when it succeeded ([`lora_io::rename_into_place`]). An existing `out` is refused
+/// unless `force`, also when another process creates it meanwhile; with `force` the old output
+/// stays whole at its path until the new one replaces it. Temporary paths left by a killed run
+/// (whose process is gone) are removed first.
 pub fn write_output(out: &Path, force: bool, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     if out.exists() && !force {
         bail!("{} exists; pass --force to replace it", out.display());
@@ -165,27 +236,55 @@ pub fn write_output(out: &Path, force: bool, write: impl FnOnce(&Path) -> Result
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    if parent.exists() && !parent.is_dir() {
+        bail!("{} is not a folder: cannot write {} there", parent.display(), out.display());
+    }
     std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
     let name = out.file_name().with_context(|| format!("{} has no file name", out.display()))?.to_string_lossy();
+    remove_stale(&parent, &name);
     let staged = parent.join(format!(".{name}.lora-tmp-{}", std::process::id()));
     remove_path(&staged)?;
     if let Err(err) = write(&staged) {
         let _ = remove_path(&staged);
-        return Err(err);
+        return Err(err.context(format!("cannot write {}", out.display())));
     }
-    if out.exists() {
-        let old = parent.join(format!(".{name}.lora-old-{}", std::process::id()));
-        remove_path(&old)?;
-        std::fs::rename(out, &old).with_context(|| format!("cannot move the old {} aside", out.display()))?;
-        std::fs::rename(&staged, out).with_context(|| format!("cannot move the new output to {}", out.display()))?;
-        remove_path(&old)?;
-    } else {
-        std::fs::rename(&staged, out).with_context(|| format!("cannot move the new output to {}", out.display()))?;
+    let existing = if force { lora_io::Existing::Replace } else { lora_io::Existing::Refuse };
+    if let Err(err) = lora_io::rename_into_place(&staged, out, existing) {
+        let _ = remove_path(&staged);
+        if let lora_io::Error::Io { source, .. } = &err {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                bail!("{} exists (another run wrote it meanwhile); pass --force to replace it", out.display());
+            }
+        }
+        return Err(err.into());
     }
     Ok(())
 }
 
-fn remove_path(path: &Path) -> Result<()> {
+/// Remove what a killed run writing `name` in `dir` left: `.NAME.lora-tmp-PID` (the staged
+/// output), `..NAME.lora-tmp-PID.*.tmp` (lora-io's temporary file for it) and `.NAME.lora-old-PID`,
+/// when process PID no longer runs. Where running processes cannot be listed (no /proc), nothing
+/// is removed: the leftovers are ignored, as their names never collide with a new run's.
+fn remove_stale(dir: &Path, name: &str) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let prefixes = [format!(".{name}.lora-tmp-"), format!("..{name}.lora-tmp-"), format!(".{name}.lora-old-")];
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(file_name) = file_name.to_str() else { continue };
+        let Some(rest) = prefixes.iter().find_map(|p| file_name.strip_prefix(p.as_str())) else { continue };
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let Ok(pid) = digits.parse::<u32>() else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = remove_path(&entry.path());
+        }
+    }
+}
+
+/// Remove a file or a folder with its contents; a missing path is fine.
+pub fn remove_path(path: &Path) -> Result<()> {
     match std::fs::symlink_metadata(path) {
         Err(_) => Ok(()),
         Ok(m) if m.is_dir() => {

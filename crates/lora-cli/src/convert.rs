@@ -4,11 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use lora_core::DType;
-use lora_io::WriteOptions;
 use serde_json::json;
 
-use crate::common::{print_json, write_output, DTypeArg, FormatArg};
+use crate::common::{print_json, FormatArg, OutputArgs};
 use crate::source::open_model;
 
 /// Options of `lora convert`.
@@ -21,27 +19,17 @@ pub struct ConvertArgs {
     /// The format to write.
     #[arg(long, value_enum)]
     pub to: FormatArg,
-    /// Where to write (a folder for PEFT, a file for kohya and GGUF).
-    #[arg(long)]
-    pub out: PathBuf,
     /// The base model: resolves kohya module names and gives GGUF its architecture.
     #[arg(long)]
     pub base: Option<PathBuf>,
-    /// Stored dtype (default: the input's).
-    #[arg(long, value_enum)]
-    pub dtype: Option<DTypeArg>,
-    /// Replace an existing output.
-    #[arg(long)]
-    pub force: bool,
-    /// Print the summary as JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// Run `lora convert` and print its summary.
 pub fn run(args: &ConvertArgs) -> Result<()> {
     let s = execute(args)?;
-    if args.json {
+    if args.output.json {
         print_json(&s);
     } else {
         println!(
@@ -49,7 +37,7 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
             s["modules"],
             s["from"].as_str().unwrap_or(""),
             s["to"].as_str().unwrap_or(""),
-            args.out.display()
+            args.output.out.display()
         );
     }
     Ok(())
@@ -63,13 +51,10 @@ pub fn execute(args: &ConvertArgs) -> Result<serde_json::Value> {
         lora_io::check_adapter_against_model(&adapter, base.source(), &args.input)?;
     }
     let from = lora_io::detect_format(&args.input)?;
-    let options = WriteOptions {
-        dtype: args.dtype.map(DType::from),
-        base_config: base.as_ref().and_then(|b| b.config().cloned()),
-    };
-    write_output(&args.out, args.force, |path| {
-        Ok(lora_io::write_adapter_with(&adapter, path, args.to.into(), &options)?)
-    })?;
+    let options = args.output.write_options(base.as_ref());
+    args.output.write(|path| Ok(lora_io::write_adapter_with(&adapter, path, args.to.into(), &options)?))?;
     let to = lora_io::Format::from(args.to);
-    Ok(json!({"input": args.input, "from": from.name(), "to": to.name(), "out": args.out, "modules": adapter.len()}))
+    Ok(
+        json!({"input": args.input, "from": from.name(), "to": to.name(), "out": args.output.out, "modules": adapter.len()}),
+    )
 }

@@ -18,7 +18,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::json;
 
-use crate::common::{write_output, FormatArg, RankArgs};
+use crate::common::{write_output, AdapterOutputArgs, FormatArg, OutputArgs, RankArgs};
 
 /// Options of `lora demo`.
 #[derive(Debug, Args)]
@@ -268,6 +268,7 @@ fn train_step(out: &Path, args: &DemoArgs, quiet: bool) -> Result<Row> {
         resume: false,
         resume_from: None,
         plot: Some(out.join("training-loss.svg")),
+        force: true,
         json: true,
     };
     let summary = crate::train::execute(&train, quiet)?;
@@ -326,7 +327,6 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
     let extract = crate::extract::ExtractArgs {
         base: path("base"),
         tuned: path("tuned"),
-        out: path("adapter"),
         rank: rank_args(args.rank),
         method: crate::extract::MethodArg::Randomized,
         seed: args.seed,
@@ -334,13 +334,12 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
         include: None,
         exclude: None,
         save_untouched: false,
+        allow_nonfinite: false,
         format: FormatArg::Peft,
-        dtype: None,
         threads: None,
         report: Some(path("extract-report.json")),
         plot: Some(path("spectra.svg")),
-        force: true,
-        json: true,
+        output: OutputArgs::replacing(path("adapter")),
     };
     let s = crate::extract::execute(&extract, quiet)?;
     let extract_error = s["max_relative_error"].as_f64().unwrap_or(f64::NAN);
@@ -361,13 +360,9 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
     let t = Instant::now();
     let resize = crate::resize::ResizeArgs {
         adapter: path("adapter"),
-        out: path("adapter-r8"),
         rank: rank_args((args.rank / 2).max(1)),
-        format: None,
-        dtype: None,
-        base: None,
-        force: true,
-        json: true,
+        target: AdapterOutputArgs { format: None, base: None },
+        output: OutputArgs::replacing(path("adapter-r8")),
     };
     let s = crate::resize::execute(&resize)?;
     rows.push(Row {
@@ -387,13 +382,11 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
     let merge = crate::merge::MergeArgs {
         base: path("base"),
         adapter: path("adapter"),
-        out: path("merged"),
         scale: 1.0,
-        dtype: None,
         unmerge: false,
+        allow_nonfinite: false,
         threads: None,
-        force: true,
-        json: true,
+        output: OutputArgs::replacing(path("merged")),
     };
     crate::merge::execute(&merge, quiet)?;
     let seconds = t.elapsed().as_secs_f64();
@@ -421,11 +414,8 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
         let convert = crate::convert::ConvertArgs {
             input: path("adapter"),
             to,
-            out: path(name),
             base: Some(path("base")),
-            dtype: None,
-            force: true,
-            json: true,
+            output: OutputArgs::replacing(path(name)),
         };
         crate::convert::execute(&convert)?;
         let seconds = t.elapsed().as_secs_f64();

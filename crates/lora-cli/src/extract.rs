@@ -1,7 +1,6 @@
 //! `lora extract`: a LoRA adapter from the difference of a fine-tuned model and its base.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
@@ -12,7 +11,8 @@ use lora_svd::{
 };
 use serde_json::json;
 
-use crate::common::{print_json, progress_bar, set_threads, write_output, DTypeArg, FormatArg, RankArgs};
+use crate::common::{print_json, progress_bar, set_threads, write_output, FormatArg, OutputArgs, RankArgs};
+use crate::finite::{Checked, Checker};
 use crate::source::open_model;
 
 /// Options of `lora extract`.
@@ -28,9 +28,6 @@ pub struct ExtractArgs {
     /// The fine-tuned model, same architecture.
     #[arg(long)]
     pub tuned: PathBuf,
-    /// Where to write the adapter (a folder for PEFT, a file for kohya and GGUF).
-    #[arg(long)]
-    pub out: PathBuf,
     #[command(flatten)]
     pub rank: RankArgs,
     /// How to compute the SVD: randomized when the rank is small against the matrix, or always
@@ -55,9 +52,11 @@ pub struct ExtractArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = FormatArg::Peft)]
     pub format: FormatArg,
-    /// Stored dtype of the adapter (default: the tuned model's).
-    #[arg(long, value_enum)]
-    pub dtype: Option<DTypeArg>,
+    /// Go on with a warning when a tensor holds NaN or an infinity (default: an error naming the
+    /// file and the tensor). A tensor that is factored still fails if its difference is not
+    /// finite; leave it out with --exclude.
+    #[arg(long)]
+    pub allow_nonfinite: bool,
     /// Threads (default: all cores). Layers are factored in parallel, one BLAS thread each.
     #[arg(long)]
     pub threads: Option<usize>,
@@ -67,12 +66,8 @@ pub struct ExtractArgs {
     /// Plot the singular-value spectra with the chosen ranks to this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
-    /// Replace an existing output.
-    #[arg(long)]
-    pub force: bool,
-    /// Print the summary as JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// `--method`.
@@ -100,7 +95,7 @@ impl MethodArg {
 /// Run `lora extract` and print its summary.
 pub fn run(args: &ExtractArgs, quiet: bool) -> Result<()> {
     let summary = execute(args, quiet)?;
-    if args.json {
+    if args.output.json {
         print_json(&summary);
     } else {
         print_summary(&summary);
@@ -129,13 +124,13 @@ pub fn execute(args: &ExtractArgs, quiet: bool) -> Result<serde_json::Value> {
 
     let total = tuned.source().tensor_names().len() as u64;
     let bar = progress_bar(total, quiet, "extract");
-    let last = Mutex::new(String::new());
-    let extraction: ModelExtraction<f32> = extract_model(base.source(), tuned.source(), &config, &|p| {
+    let checker = Checker::with_flag(args.allow_nonfinite);
+    let (base_checked, tuned_checked) = (Checked::new(&base, &checker), Checked::new(&tuned, &checker));
+    let extraction: ModelExtraction<f32> = extract_model(&base_checked, &tuned_checked, &config, &|p| {
         bar.set_position(p.done as u64);
         if let Some(r) = p.report {
             bar.set_message(format!("{} rank {} err {:.2e}", p.tensor, r.rank, r.relative_error));
         }
-        *last.lock().expect("no panics while held") = p.tensor.to_string();
     })
     .context("extraction failed")?;
     bar.finish_and_clear();
@@ -152,14 +147,12 @@ pub fn execute(args: &ExtractArgs, quiet: bool) -> Result<serde_json::Value> {
         skipped.extend(extraction.not_extracted.iter().map(|n| (n.name.clone(), format!("{:?}", n.reason))));
     }
 
-    let dtype: DType = args.dtype.map_or_else(|| tuned.main_dtype(), DType::from);
+    let dtype: DType = args.output.dtype().unwrap_or_else(|| tuned.main_dtype());
     let options = WriteOptions { dtype: Some(dtype), base_config: base.config().cloned() };
-    write_output(&args.out, args.force, |path| {
-        Ok(lora_io::write_adapter_with(&adapter, path, args.format.into(), &options)?)
-    })?;
+    args.output.write(|path| Ok(lora_io::write_adapter_with(&adapter, path, args.format.into(), &options)?))?;
 
     if let Some(path) = &args.report {
-        let report = report_json(&extraction);
+        let report = report_json(&extraction, tuned.source());
         write_output(path, true, |p| Ok(std::fs::write(p, serde_json::to_vec_pretty(&report)?)?))?;
     }
     if let Some(path) = &args.plot {
@@ -174,11 +167,13 @@ pub fn execute(args: &ExtractArgs, quiet: bool) -> Result<serde_json::Value> {
     let count = adapter.param_count();
     let worst = extraction.modules.values().map(|m| m.report.relative_error).fold(0.0, f64::max);
     let summary = json!({
-        "out": args.out,
+        "out": args.output.out,
         "format": lora_io::Format::from(args.format).name(),
         "modules": adapter.len(),
         "ranks": extraction.modules.iter().map(|(n, m)| (n.clone(), m.report.rank)).collect::<indexmap::IndexMap<_, _>>(),
         "unchanged": extraction.unchanged.len(),
+        // selected tensors whose delta is zero: rank 0, nothing in the adapter
+        "zero_rank": extraction.unchanged,
         "not_extracted": skipped.iter().map(|(n, r)| json!({"tensor": n, "reason": r})).collect::<Vec<_>>(),
         "saved_tensors": adapter.saved_tensors().keys().collect::<Vec<_>>(),
         "trainable_parameters": count.trainable,
@@ -192,7 +187,7 @@ pub fn execute(args: &ExtractArgs, quiet: bool) -> Result<serde_json::Value> {
 
 fn print_summary(s: &serde_json::Value) {
     println!(
-        "extracted {} modules ({} unchanged) in {:.2} s: {} parameters against {} ({:.3}%), worst relative error {:.3e}",
+        "extracted {} modules ({} unchanged: rank 0) in {:.2} s: {} parameters against {} ({:.3}%), worst relative error {:.3e}",
         s["modules"],
         s["unchanged"],
         s["seconds"].as_f64().unwrap_or(0.0),
@@ -258,7 +253,24 @@ fn with_saved_tensors(
     Ok(adapter)
 }
 
-fn report_json(extraction: &ModelExtraction<f32>) -> serde_json::Value {
+/// The --report JSON: one entry per selected tensor, those with a zero delta at rank 0 (error 0,
+/// all of nothing retained).
+fn report_json(extraction: &ModelExtraction<f32>, tuned: &dyn lora_core::TensorSource) -> serde_json::Value {
+    let zero = extraction.unchanged.iter().map(|tensor| {
+        let shape = tuned.tensor_info(tensor).map(|i| i.shape).unwrap_or_default();
+        json!({
+            "module": tensor.strip_suffix(".weight").unwrap_or(tensor),
+            "tensor": tensor,
+            "d_out": shape.first(),
+            "d_in": shape.get(1),
+            "rank": 0,
+            "relative_error": 0.0,
+            "retained_energy": 1.0,
+            "method": "none (zero delta)",
+            "seconds": 0.0,
+            "singular_values": [],
+        })
+    });
     json!({
         "seconds": extraction.elapsed.as_secs_f64(),
         "layers": extraction.modules.iter().map(|(name, m)| json!({
@@ -272,7 +284,7 @@ fn report_json(extraction: &ModelExtraction<f32>) -> serde_json::Value {
             "method": format!("{:?}", m.report.method),
             "seconds": m.report.elapsed.as_secs_f64(),
             "singular_values": m.report.singular_values,
-        })).collect::<Vec<_>>(),
+        })).chain(zero).collect::<Vec<_>>(),
         "unchanged": extraction.unchanged,
         "not_extracted": extraction.not_extracted.iter().map(|n| json!({"tensor": n.name, "reason": format!("{:?}", n.reason)})).collect::<Vec<_>>(),
     })

@@ -10,6 +10,7 @@ mod convert;
 mod demo;
 mod eval;
 mod extract;
+mod finite;
 mod inspect;
 mod merge;
 mod plot;
@@ -70,7 +71,21 @@ fn main() {
         Command::Demo(args) => demo::run(args, cli.quiet),
     };
     if let Err(err) = result {
-        eprintln!("error: {err:#}");
+        eprintln!("error: {}", one_line(&err));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes on one line, each cause once: the libraries' errors print their
+/// source in their own message, so a cause already in the text is not repeated.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }

@@ -5,12 +5,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use lora_core::DType;
-use lora_io::{ModelFolder, ModelWriteOptions};
+use lora_io::{Location, ModelFolder, ModelWriteOptions};
 use ndarray::Ix2;
 use serde_json::json;
 
-use crate::common::{print_json, progress_bar, set_threads, write_output, DTypeArg};
+use crate::common::{print_json, progress_bar, set_threads, OutputArgs};
+use crate::finite::{check_stored, Checker};
 use crate::source::Model;
 
 /// Options of `lora merge`.
@@ -24,33 +24,27 @@ pub struct MergeArgs {
     /// The adapter (PEFT folder, kohya file or GGUF).
     #[arg(long)]
     pub adapter: PathBuf,
-    /// The output model folder: same shards, index and non-weight files as the base.
-    #[arg(long)]
-    pub out: PathBuf,
     /// Multiply the adapter's delta by S before merging.
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
-    /// Stored dtype of every float tensor (default: each tensor keeps the base's).
-    #[arg(long, value_enum)]
-    pub dtype: Option<DTypeArg>,
     /// Subtract the adapter instead (W - s B A): takes a merge back out.
     #[arg(long)]
     pub unmerge: bool,
+    /// Go on with a warning when a base tensor holds NaN or an infinity (default: an error
+    /// naming the file and the tensor).
+    #[arg(long)]
+    pub allow_nonfinite: bool,
     /// Threads for the products (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Replace an existing output.
-    #[arg(long)]
-    pub force: bool,
-    /// Print the summary as JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// Run `lora merge` and print its summary.
 pub fn run(args: &MergeArgs, quiet: bool) -> Result<()> {
     let s = execute(args, quiet)?;
-    if args.json {
+    if args.output.json {
         print_json(&s);
     } else {
         println!(
@@ -62,7 +56,7 @@ pub fn run(args: &MergeArgs, quiet: bool) -> Result<()> {
                 _ => String::new(),
             },
             s["seconds"].as_f64().unwrap_or(0.0),
-            args.out.display()
+            args.output.out.display()
         );
     }
     Ok(())
@@ -108,24 +102,33 @@ pub fn execute(args: &MergeArgs, quiet: bool) -> Result<serde_json::Value> {
     let bar = progress_bar(folder.names().count() as u64, quiet, if args.unmerge { "unmerge" } else { "merge" });
     let mut merged = 0usize;
     let mut replaced = 0usize;
-    let options = ModelWriteOptions { dtype: args.dtype.map(DType::from) };
-    write_output(&args.out, args.force, |staged| {
+    let checker = Checker::with_flag(args.allow_nonfinite);
+    let options = ModelWriteOptions { dtype: args.output.dtype() };
+    args.output.write(|staged| {
         lora_io::write_model(folder, staged, &options, |name| {
             bar.inc(1);
+            let file = folder
+                .file_of(name)
+                .ok_or_else(|| lora_io::Error::TensorNotFound { at: Location::tensor(folder.dir(), name) })?;
+            checker
+                .judge(check_stored(file, name))
+                .map_err(|f| lora_io::Error::Config { at: Location::tensor(&f.path, &f.tensor), reason: f.reason() })?;
             if let Some(module) = by_weight.get(name) {
-                let file = folder.file_of(name).expect("the writer asks for the folder's own tensors");
-                let mut w =
-                    file.tensor_f32(name)?.into_dimensionality::<Ix2>().expect("2-D, checked against the adapter");
+                let w = file.tensor_f32(name)?;
+                let shape = w.shape().to_vec();
+                let mut w = w.into_dimensionality::<Ix2>().map_err(|_| lora_io::Error::Shape {
+                    at: Location::tensor(file.path(), name),
+                    expected: "a matrix".into(),
+                    got: shape,
+                })?;
                 let result = if args.unmerge {
                     let m = &adapter.modules()[*module];
                     m.layer().unmerge_from(&mut w, m.layout(fan_in_fan_out))
                 } else {
                     adapter.merge_module_into(module, &mut w)
                 };
-                result.map_err(|source| lora_io::Error::Core {
-                    at: lora_io::Location::tensor(&args.adapter, *module),
-                    source,
-                })?;
+                result
+                    .map_err(|source| lora_io::Error::Core { at: Location::tensor(&args.adapter, *module), source })?;
                 merged += 1;
                 return Ok(Some(w.into_dyn()));
             }
@@ -140,7 +143,7 @@ pub fn execute(args: &MergeArgs, quiet: bool) -> Result<serde_json::Value> {
     bar.finish_and_clear();
 
     let summary = json!({
-        "out": args.out,
+        "out": args.output.out,
         "merged_modules": merged,
         "replaced_tensors": replaced,
         "unmerge": args.unmerge,

@@ -5,12 +5,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use indexmap::IndexMap;
-use lora_core::DType;
-use lora_io::WriteOptions;
 use serde_json::json;
 
-use crate::common::{print_json, write_output, DTypeArg, FormatArg, RankArgs};
-use crate::source::open_model;
+use crate::common::{print_json, AdapterOutputArgs, OutputArgs, RankArgs};
 
 /// Options of `lora resize`.
 #[derive(Debug, Args)]
@@ -19,32 +16,18 @@ lora resize ./adapter --energy 0.95 --max-rank 32 --out ./adapter-small")]
 pub struct ResizeArgs {
     /// The adapter to resize.
     pub adapter: PathBuf,
-    /// Where to write the resized adapter.
-    #[arg(long)]
-    pub out: PathBuf,
     #[command(flatten)]
     pub rank: RankArgs,
-    /// Output format (default: the input's).
-    #[arg(long, value_enum)]
-    pub format: Option<FormatArg>,
-    /// Stored dtype (default: the input's).
-    #[arg(long, value_enum)]
-    pub dtype: Option<DTypeArg>,
-    /// The base model, for kohya names and GGUF architecture.
-    #[arg(long)]
-    pub base: Option<PathBuf>,
-    /// Replace an existing output.
-    #[arg(long)]
-    pub force: bool,
-    /// Print per-module figures as JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub target: AdapterOutputArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// Run `lora resize` and print its summary.
 pub fn run(args: &ResizeArgs) -> Result<()> {
     let s = execute(args)?;
-    if args.json {
+    if args.output.json {
         print_json(&s);
     } else {
         println!(
@@ -54,7 +37,7 @@ pub fn run(args: &ResizeArgs) -> Result<()> {
             s["parameters_after"],
             s["max_relative_error"].as_f64().unwrap_or(0.0),
             s["seconds"].as_f64().unwrap_or(0.0),
-            args.out.display()
+            args.output.out.display()
         );
     }
     Ok(())
@@ -63,7 +46,7 @@ pub fn run(args: &ResizeArgs) -> Result<()> {
 /// Do the resize; the summary is what `--json` prints.
 pub fn execute(args: &ResizeArgs) -> Result<serde_json::Value> {
     let start = std::time::Instant::now();
-    let base = args.base.as_deref().map(|p| open_model(p, "base")).transpose()?;
+    let base = args.target.open_base()?;
     let adapter = crate::adapters::read(&args.adapter, base.as_ref())?;
     let rule = args.rank.rule()?;
     let mut modules = IndexMap::new();
@@ -81,17 +64,14 @@ pub fn execute(args: &ResizeArgs) -> Result<serde_json::Value> {
         modules.insert(name.clone(), crate::adapters::with_layer(module, layer)?);
     }
     let resized = crate::adapters::rebuild(&adapter, modules)?;
-    let format = args.format.map_or_else(|| lora_io::detect_format(&args.adapter), |f| Ok(f.into()))?;
-    let options = WriteOptions {
-        dtype: args.dtype.map(DType::from),
-        base_config: base.as_ref().and_then(|b| b.config().cloned()),
-    };
-    write_output(&args.out, args.force, |path| Ok(lora_io::write_adapter_with(&resized, path, format, &options)?))?;
+    let format = args.target.format_or_that_of(&args.adapter)?;
+    let options = args.output.write_options(base.as_ref());
+    args.output.write(|path| Ok(lora_io::write_adapter_with(&resized, path, format, &options)?))?;
     let before = adapter.param_count();
     let after = resized.param_count();
     let worst = reports.iter().filter_map(|r| r["relative_error"].as_f64()).fold(0.0, f64::max);
     Ok(json!({
-        "out": args.out,
+        "out": args.output.out,
         "modules": reports,
         "parameters_before": before.trainable,
         "parameters_after": after.trainable,

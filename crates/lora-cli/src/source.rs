@@ -31,6 +31,23 @@ impl Model {
         }
     }
 
+    /// The file holding a tensor.
+    pub fn file_of(&self, name: &str) -> Option<&SafetensorsFile> {
+        match self {
+            Model::Folder(f) => f.file_of(name),
+            Model::File(f) => f.contains(name).then_some(f),
+        }
+    }
+
+    /// Every stored tensor (of any dtype) with its file, in file order.
+    pub fn stored_tensors(&self) -> Vec<(&SafetensorsFile, String)> {
+        let files: Vec<&SafetensorsFile> = match self {
+            Model::Folder(f) => f.shards().map(|(_, s)| s).collect(),
+            Model::File(f) => vec![f],
+        };
+        files.into_iter().flat_map(|f| f.names().map(move |n| (f, n.to_string()))).collect()
+    }
+
     /// The tensors.
     pub fn source(&self) -> &dyn TensorSource {
         match self {

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::ops::ControlFlow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -11,7 +11,8 @@ use lora_train::optim::Schedule;
 use lora_train::{latest_checkpoint, train, TrainConfig, TrainLength};
 use serde_json::json;
 
-use crate::common::{print_json, progress_bar, set_threads};
+use crate::common::{print_json, progress_bar, remove_path, set_threads};
+use crate::finite::{Checker, NonFinite};
 
 /// Options of `lora train`.
 #[derive(Debug, Args)]
@@ -106,6 +107,10 @@ pub struct TrainArgs {
     /// Plot the training (and validation) loss to this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// Start over in a folder that holds an earlier run (without --resume): its checkpoints,
+    /// adapter and metrics are removed first.
+    #[arg(long, conflicts_with_all = ["resume", "resume_from"])]
+    pub force: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -178,9 +183,47 @@ pub fn run(args: &TrainArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+/// Without --resume, a run starts in a folder that holds no earlier run; with --force the earlier
+/// run's checkpoints, adapter and metrics are removed first.
+fn start_over(out: &Path, force: bool) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(out) else { return Ok(()) };
+    let mut earlier: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.starts_with("checkpoint-")
+                || name.starts_with(".checkpoint-")
+                || [lora_io::CONFIG_FILE, lora_io::WEIGHTS_FILE, "metrics.jsonl"].contains(&name)
+        })
+        .collect();
+    if earlier.is_empty() {
+        return Ok(());
+    }
+    earlier.sort();
+    if !force {
+        let names: Vec<String> =
+            earlier.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).collect();
+        bail!(
+            "{} holds an earlier run ({}); pass --resume to continue it or --force to start over",
+            out.display(),
+            names.join(", ")
+        );
+    }
+    for p in &earlier {
+        remove_path(p)?;
+    }
+    Ok(())
+}
+
 /// Train; the summary is what `--json` prints.
 pub fn execute(args: &TrainArgs, quiet: bool) -> Result<serde_json::Value> {
     let config = args.config()?;
+    if config.resume.is_none() {
+        start_over(&args.out, args.force)?;
+    }
+    // NaN or an infinity in the base would only show later as a non-finite loss.
+    Checker::new(NonFinite::Refuse, None).check_model(&crate::source::open_model(&args.base, "base")?)?;
     // The trainer's own pool splits the work; OpenBLAS under it runs single-threaded.
     set_threads(None, Some(1))?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;

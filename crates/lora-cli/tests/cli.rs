@@ -6,47 +6,14 @@
 //! own integration tests are given its executable (`CARGO_BIN_EXE_lora`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use lora_core::deltas;
 use serde_json::Value;
 
-fn lora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lora")).args(args).output().expect("the lora binary runs")
-}
+mod support;
 
-fn ok(args: &[&str]) -> String {
-    let out = lora(args);
-    assert!(
-        out.status.success(),
-        "lora {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
-}
-
-fn json(args: &[&str]) -> Value {
-    serde_json::from_str(&ok(args)).expect("--json prints JSON")
-}
-
-/// An error: exit code 1, exactly one line on stderr that contains every `needle`, no panic.
-fn fails(args: &[&str], needles: &[&str]) -> String {
-    let out = lora(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(1), "lora {args:?} should fail with exit code 1:\n{stderr}");
-    assert!(!stderr.contains("panicked"), "lora {args:?} panicked:\n{stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line of error:\n{stderr}");
-    for n in needles {
-        assert!(stderr.contains(n), "the error of lora {args:?} should mention {n:?}:\n{stderr}");
-    }
-    stderr
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
+use support::{fails, json, ok, s, tmp};
 
 /// The demo's files (a 2-layer Llama-shaped base and tuned model, adapters), made once per run.
 fn demo() -> &'static Path {
@@ -57,10 +24,6 @@ fn demo() -> &'static Path {
         dir
     })
     .path()
-}
-
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().expect("temp dir")
 }
 
 fn read(path: &Path) -> lora_core::Adapter<f32> {

@@ -1,8 +1,13 @@
-//! Atomic file writes: a temporary file in the target folder, fsync, rename.
+//! Atomic file writes: a temporary file in the target folder, fsync, rename; and
+//! [`rename_into_place`], which publishes a finished file or folder in one step.
 //!
 //! A failure or a kill before [`AtomicFile::commit`] leaves the target untouched (the temporary
 //! file is deleted on drop; after a kill a `.NAME.tmp*` file may remain beside it, never a
 //! half-written target).
+//!
+//! Debug builds (never release builds) honour `LORA_IO_FAIL_AFTER_BYTES=N`: once N bytes have
+//! gone through the writers of this process, the next write fails as a full disk would. Tests use
+//! it where they cannot mount a small file system.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -45,6 +50,7 @@ impl AtomicFile {
 
     /// Append bytes.
     pub(crate) fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        injected_fault(bytes.len()).map_err(|e| Error::io(&self.path, e))?;
         self.out.write_all(bytes).map_err(|e| Error::io(&self.path, e))
     }
 
@@ -54,12 +60,7 @@ impl AtomicFile {
         let tmp = self.out.into_inner().map_err(|e| Error::io(&path, e.into_error()))?;
         tmp.as_file().sync_all().map_err(|e| Error::io(&path, e))?;
         tmp.persist(&path).map_err(|e| Error::io(&path, e.error))?;
-        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            // Make the rename durable; not every platform can open a folder, which is fine.
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
+        sync_parent(&path);
         Ok(())
     }
 }
@@ -75,6 +76,164 @@ pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 pub(crate) fn copy_file(from: &Path, to: &Path) -> Result<()> {
     let mut src = File::open(from).map_err(|e| Error::io(from, e))?;
     let mut f = AtomicFile::create(to)?;
+    let len = src.metadata().map_err(|e| Error::io(from, e))?.len();
+    injected_fault(usize::try_from(len).unwrap_or(usize::MAX)).map_err(|e| Error::io(to, e))?;
     std::io::copy(&mut src, &mut f.out).map_err(|e| Error::io(to, e))?;
     f.commit()
+}
+
+/// Make a rename in `path`'s folder durable; not every platform can open a folder, which is fine.
+fn sync_parent(path: &Path) {
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+/// What [`rename_into_place`] does when the target exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Fail with an [`std::io::ErrorKind::AlreadyExists`] error, even when the target appears
+    /// while the output was being written.
+    Refuse,
+    /// Replace it; the old target stays whole at its path until the new one takes its place.
+    Replace,
+}
+
+/// Publish a finished file or folder `staged` at `target` (both in the same folder) in one step:
+/// a reader sees the old target or the new one, never a mix or nothing.
+///
+/// On Linux a folder replaces a folder with one `renameat2(RENAME_EXCHANGE)`, and
+/// [`Existing::Refuse`] uses `RENAME_NOREPLACE`, so two processes racing for the same target
+/// cannot overwrite each other. Elsewhere (or on a file system without these flags) a file
+/// replaces a file with one `rename`, and a folder is moved aside, the new one renamed in, the old
+/// one removed: a kill between the two renames leaves the old folder beside the target as
+/// `.NAME.lora-old-PID`.
+pub fn rename_into_place(staged: &Path, target: &Path, existing: Existing) -> Result<()> {
+    let io = |e| Error::io(target, e);
+    for _ in 0..3 {
+        match rename_noreplace(staged, target) {
+            Ok(()) => {
+                sync_parent(target);
+                return Ok(());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && existing == Existing::Replace => {}
+            Err(e) => return Err(io(e)),
+        }
+        let staged_is_dir = std::fs::symlink_metadata(staged).map_err(|e| Error::io(staged, e))?.is_dir();
+        let target_is_dir = match std::fs::symlink_metadata(target) {
+            Ok(m) => m.is_dir(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io(e)),
+        };
+        if !staged_is_dir && !target_is_dir {
+            std::fs::rename(staged, target).map_err(io)?;
+            sync_parent(target);
+            return Ok(());
+        }
+        match exchange(staged, target) {
+            Ok(()) => {
+                sync_parent(target);
+                // `staged` now holds the old output; the new one is in place whatever happens next.
+                let _ = remove_path(staged);
+                return Ok(());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => return replace_aside(staged, target),
+            Err(e) => return Err(io(e)),
+        }
+    }
+    Err(io(std::io::Error::other("the target kept appearing and disappearing while it was being replaced")))
+}
+
+/// The portable replacement: move the old target aside, rename the new one in, remove the old.
+fn replace_aside(staged: &Path, target: &Path) -> Result<()> {
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let old = target.with_file_name(format!(".{name}.lora-old-{}", std::process::id()));
+    remove_path(&old).map_err(|e| Error::io(&old, e))?;
+    std::fs::rename(target, &old).map_err(|e| Error::io(target, e))?;
+    if let Err(e) = std::fs::rename(staged, target) {
+        let _ = std::fs::rename(&old, target);
+        return Err(Error::io(target, e));
+    }
+    sync_parent(target);
+    let _ = remove_path(&old);
+    Ok(())
+}
+
+/// Remove a file or a folder with its contents; a missing path is fine.
+fn remove_path(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => portable_noreplace(from, to),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    portable_noreplace(from, to)
+}
+
+/// Rename unless the target exists (checked just before: a small window for a race).
+fn portable_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    if std::fs::symlink_metadata(to).is_ok() {
+        return Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "the output exists"));
+    }
+    std::fs::rename(from, to)
+}
+
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    match renameat_with(CWD, a, CWD, b, RenameFlags::EXCHANGE) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {
+            Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "no RENAME_EXCHANGE here"))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> std::io::Result<()> {
+    Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "no atomic exchange on this platform"))
+}
+
+/// The test hook of debug builds: `LORA_IO_FAIL_AFTER_BYTES=N` fails the write that would take
+/// this process's written bytes past N, with the error a full disk gives.
+#[cfg(debug_assertions)]
+fn injected_fault(len: usize) -> std::io::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static BUDGET: OnceLock<Option<AtomicU64>> = OnceLock::new();
+    let budget = BUDGET.get_or_init(|| {
+        std::env::var("LORA_IO_FAIL_AFTER_BYTES").ok().and_then(|v| v.parse::<u64>().ok()).map(AtomicU64::new)
+    });
+    let Some(left) = budget else { return Ok(()) };
+    let len = len as u64;
+    match left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| l.checked_sub(len)) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            "no space left on device (injected by LORA_IO_FAIL_AFTER_BYTES)",
+        )),
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn injected_fault(_: usize) -> std::io::Result<()> {
+    Ok(())
 }

@@ -80,6 +80,19 @@ pub enum Error {
         dtype: String,
     },
 
+    /// A finite value would become an infinity in the stored dtype (f16 holds at most 65504).
+    #[error("{at}: value {value} at index {index:?} is too large for {dtype} (it would be stored as an infinity); store it in a wider dtype")]
+    Overflow {
+        /// Where (the tensor being written).
+        at: Location,
+        /// The element's index.
+        index: Vec<usize>,
+        /// The value.
+        value: f64,
+        /// The stored dtype (`"F16"`).
+        dtype: String,
+    },
+
     /// A tensor was asked for and is absent.
     #[error("{at}: tensor not found")]
     TensorNotFound {
@@ -193,6 +206,7 @@ impl Error {
             | Error::Json { at, .. }
             | Error::Header { at, .. }
             | Error::UnsupportedDType { at, .. }
+            | Error::Overflow { at, .. }
             | Error::TensorNotFound { at }
             | Error::Shape { at, .. }
             | Error::RankMismatch { at, .. }

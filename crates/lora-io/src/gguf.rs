@@ -687,7 +687,9 @@ pub fn write_gguf<T: Scalar>(adapter: &Adapter<T>, path: impl AsRef<Path>, optio
     for t in &out {
         let data = t.data.as_standard_layout();
         let values = data.as_slice().expect("standard layout is contiguous");
-        crate::st::encode(crate::st::st_dtype(dtype), values, &mut buf).expect("F32, F16 and BF16 are encodable");
+        let stored = crate::st::st_dtype(dtype);
+        crate::st::encode(stored, values, &mut buf)
+            .map_err(|e| crate::st::encode_error(e, Location::tensor(path, &t.name), 0, t.data.shape(), stored))?;
         pad(&mut buf);
         f.write_all(&buf)?;
     }

@@ -249,8 +249,12 @@ pub fn read_kohya<T: Scalar>(path: impl AsRef<Path>, resolver: &ModuleResolver) 
                 t.iter().next().copied().expect("one element")
             }
         };
-        let layer =
-            LoraLayer::new(a, b, alpha, Scaling::Standard).map_err(|e| Error::core(Location::tensor(path, down), e))?;
+        let layer = LoraLayer::new(a, b, alpha, Scaling::Standard).map_err(|e| {
+            // name the factor at fault
+            let key =
+                if matches!(&e, lora_core::Error::NonFinite { what, .. } if what == "lora_B") { up } else { down };
+            Error::core(Location::tensor(path, key), e)
+        })?;
         modules.push((module, layer));
     }
 

@@ -56,6 +56,7 @@ mod model;
 mod peft;
 mod st;
 
+pub use atomic::{rename_into_place, Existing};
 pub use error::{Error, Location, Result};
 pub use format::{
     detect_format, read_adapter, read_adapter_with, write_adapter, write_adapter_with, Format, ReadOptions,

@@ -470,8 +470,12 @@ pub fn read_peft<T: Scalar>(path: impl AsRef<Path>) -> Result<Adapter<T>> {
             });
         }
         let alpha = pc.alpha_for(module).map_err(resolve_err)?;
-        let layer =
-            LoraLayer::new(a, b, alpha, scaling).map_err(|e| Error::core(Location::tensor(&weights_path, a_key), e))?;
+        let layer = LoraLayer::new(a, b, alpha, scaling).map_err(|e| {
+            // name the factor at fault
+            let key =
+                if matches!(&e, lora_core::Error::NonFinite { what, .. } if what == "lora_B") { b_key } else { a_key };
+            Error::core(Location::tensor(&weights_path, key), e)
+        })?;
         let at_a = Location::tensor(&weights_path, a_key);
         let module_value = match (embedding, &p.m, pc.use_dora) {
             (true, None, _) => AdapterModule::embedding(layer),

@@ -450,19 +450,23 @@ impl SafetensorsWriter {
         let dtype = planned.dtype;
         let mut buf = Vec::with_capacity(CHUNK * 8);
         let path = self.file.path().to_path_buf();
-        let unsupported = || Error::UnsupportedDType { at: Location::tensor(&path, name), dtype: dtype_name(dtype) };
+        let shape = planned.shape.clone();
+        let mut done = 0usize;
+        let fail = |e: Encode, done: usize| encode_error(e, Location::tensor(&path, name), done, &shape, dtype);
         if let Some(slice) = tensor.as_slice() {
             // Contiguous row-major data: plain slices, no n-dimensional iterator.
             for chunk in slice.chunks(CHUNK) {
-                encode(dtype, chunk, &mut buf).map_err(|()| unsupported())?;
+                encode(dtype, chunk, &mut buf).map_err(|e| fail(e, done))?;
                 self.file.write_all(&buf)?;
+                done += chunk.len();
             }
         } else {
             let mut it = tensor.iter().peekable();
             while it.peek().is_some() {
                 let chunk: Vec<T> = it.by_ref().take(CHUNK).copied().collect();
-                encode(dtype, &chunk, &mut buf).map_err(|()| unsupported())?;
+                encode(dtype, &chunk, &mut buf).map_err(|e| fail(e, done))?;
                 self.file.write_all(&buf)?;
+                done += chunk.len();
             }
         }
         self.next += 1;
@@ -509,17 +513,34 @@ impl SafetensorsWriter {
 /// Elements encoded per write.
 const CHUNK: usize = 1 << 16;
 
+/// Why [`encode`] could not encode a chunk.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Encode {
+    /// The dtype is not a float dtype.
+    Unsupported,
+    /// A finite value would become an infinity in the stored dtype.
+    Overflow {
+        /// Its position in the chunk.
+        position: usize,
+        /// The value.
+        value: f64,
+    },
+}
+
 /// Encode values as little-endian `dtype`, rounding to nearest even. The dtype is matched once
 /// per chunk, not per element, and the output is filled in place (which the compiler
 /// vectorises); f32 inputs go to f16 / bf16 through the f32 conversions (exact widening, so the
-/// same result as from f64).
-pub(crate) fn encode<T: Scalar>(dtype: Dtype, values: &[T], out: &mut Vec<u8>) -> std::result::Result<(), ()> {
+/// same result as from f64). A finite value that rounds to an infinity in `dtype` (|x| >= 65520
+/// in f16, beyond bf16's or f32's range) is an error, never a silent Inf; NaN and infinities
+/// already in the input are stored as they are.
+pub(crate) fn encode<T: Scalar>(dtype: Dtype, values: &[T], out: &mut Vec<u8>) -> std::result::Result<(), Encode> {
     let is_f32 = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>();
-    let width = match dtype {
-        Dtype::F32 => 4,
-        Dtype::F64 => 8,
-        Dtype::F16 | Dtype::BF16 => 2,
-        _ => return Err(()),
+    let (width, largest) = match dtype {
+        Dtype::F32 => (4, if is_f32 { f64::INFINITY } else { f64::from(f32::MAX) }),
+        Dtype::F64 => (8, f64::INFINITY),
+        Dtype::F16 => (2, f64::from(f16::MAX)),
+        Dtype::BF16 => (2, f64::from(bf16::MAX)),
+        _ => return Err(Encode::Unsupported),
     };
     out.resize(values.len() * width, 0);
     let chunks = out.chunks_exact_mut(width).zip(values.iter());
@@ -535,7 +556,54 @@ pub(crate) fn encode<T: Scalar>(dtype: Dtype, values: &[T], out: &mut Vec<u8>) -
         }
         _ => chunks.for_each(|(o, v)| o.copy_from_slice(&bf16::from_f64(v.as_f64()).to_le_bytes())),
     }
+    if largest.is_finite() {
+        // One branch-free pass for the common case; the exact check only when some value is
+        // past the largest finite value (which may still round down to it).
+        let peak = values.iter().fold(0.0f64, |m, v| {
+            let a = v.as_f64().abs();
+            if a.is_finite() && a > m {
+                a
+            } else {
+                m
+            }
+        });
+        if peak > largest {
+            for (position, (o, v)) in out.chunks_exact(width).zip(values.iter()).enumerate() {
+                let stored_infinite = match dtype {
+                    Dtype::F32 => f32::from_le_bytes([o[0], o[1], o[2], o[3]]).is_infinite(),
+                    Dtype::F16 => f16::from_le_bytes([o[0], o[1]]).is_infinite(),
+                    _ => bf16::from_le_bytes([o[0], o[1]]).is_infinite(),
+                };
+                if stored_infinite && v.is_finite() {
+                    return Err(Encode::Overflow { position, value: v.as_f64() });
+                }
+            }
+        }
+    }
     Ok(())
+}
+
+/// The error for a failed [`encode`] of the chunk starting at flat position `first` of a tensor
+/// of this shape.
+pub(crate) fn encode_error(e: Encode, at: Location, first: usize, shape: &[usize], dtype: Dtype) -> Error {
+    match e {
+        Encode::Unsupported => Error::UnsupportedDType { at, dtype: dtype_name(dtype) },
+        Encode::Overflow { position, value } => {
+            Error::Overflow { at, index: unravel(first + position, shape), value, dtype: dtype_name(dtype) }
+        }
+    }
+}
+
+/// The n-dimensional index of a row-major flat position.
+fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
+    let mut index = vec![0; shape.len()];
+    for (i, &len) in shape.iter().enumerate().rev() {
+        if len > 0 {
+            index[i] = flat % len;
+            flat /= len;
+        }
+    }
+    index
 }
 
 /// Write float tensors (in this order) to a safetensors file in one dtype, atomically.

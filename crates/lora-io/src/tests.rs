@@ -490,3 +490,59 @@ fn dora_and_f64_adapters_round_trip_through_peft() {
     )
     .is_err());
 }
+
+#[test]
+fn encode_refuses_finite_values_the_dtype_cannot_hold() {
+    use crate::st::{encode, Encode};
+    use safetensors::Dtype;
+    let mut buf = Vec::new();
+    // f16: 65504 is the largest; 65519 rounds down to it, 65520 rounds up to an infinity
+    assert_eq!(encode(Dtype::F16, &[65504.0f32, -65519.0, 1.0], &mut buf), Ok(()));
+    assert_eq!(
+        encode(Dtype::F16, &[1.0f32, 2.0, -65520.0], &mut buf),
+        Err(Encode::Overflow { position: 2, value: -65520.0 })
+    );
+    // values that are already NaN or infinite are stored as they are
+    assert_eq!(encode(Dtype::F16, &[f32::NAN, f32::INFINITY, f32::NEG_INFINITY], &mut buf), Ok(()));
+    assert_eq!(encode(Dtype::F16, &[1.0e5f64], &mut buf), Err(Encode::Overflow { position: 0, value: 1.0e5 }));
+    // bf16 holds less than f32::MAX; f32 holds less than 1e39
+    assert_eq!(
+        encode(Dtype::BF16, &[f32::MAX], &mut buf),
+        Err(Encode::Overflow { position: 0, value: f64::from(f32::MAX) })
+    );
+    assert_eq!(encode(Dtype::BF16, &[3.0e38f32], &mut buf), Ok(()));
+    assert_eq!(encode(Dtype::F32, &[0.5f64, 1.0e39], &mut buf), Err(Encode::Overflow { position: 1, value: 1.0e39 }));
+    assert_eq!(encode(Dtype::F32, &[f32::MAX], &mut buf), Ok(()));
+    assert_eq!(encode(Dtype::I32, &[1.0f32], &mut buf), Err(Encode::Unsupported));
+
+    // through the writers: an error naming the file, the tensor and the index; no file left
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = ArrayD::<f32>::zeros(IxDyn(&[3, 4]));
+    t[[2, 1]] = 7.0e4;
+    let path = dir.path().join("big.safetensors");
+    let err = write_safetensors(&path, &[("w".to_string(), t.clone())], DType::F16, &BTreeMap::new()).unwrap_err();
+    assert!(matches!(&err, Error::Overflow { index, .. } if index == &vec![2, 1]), "{err}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}, tensor w: value 70000 at index [2, 1] is too large for F16 (it would be stored as an infinity); \
+             store it in a wider dtype",
+            path.display()
+        )
+    );
+    write_safetensors(&path, &[("w".to_string(), t)], DType::BF16, &BTreeMap::new()).unwrap();
+    let mut adapter = random_adapter(&[("model.layers.0.self_attn.q_proj", 8, 8, 2)], 2.0, Scaling::Standard, 1);
+    let layer = adapter.module("model.layers.0.self_attn.q_proj").unwrap().layer().clone();
+    let mut a = layer.a().clone();
+    a[[1, 3]] = 1.0e6;
+    let big = LoraLayer::new(a, layer.b().clone(), layer.alpha(), layer.scaling()).unwrap();
+    adapter.insert("model.layers.0.self_attn.q_proj", AdapterModule::linear(big)).unwrap();
+    let gguf = dir.path().join("a.gguf");
+    let options =
+        GgufOptions { architecture: "llama".into(), head_count: 2, head_count_kv: 2, dtype: Some(DType::F16) };
+    let err = write_gguf(&adapter, &gguf, &options).unwrap_err();
+    assert!(matches!(err, Error::Overflow { .. }), "{err}");
+    assert!(err.to_string().contains("blk.0.attn_q.weight.lora_a"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("big.safetensors")]);
+}

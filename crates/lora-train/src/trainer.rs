@@ -16,7 +16,10 @@ use std::time::Instant;
 use indexmap::IndexMap;
 use lora_core::DType;
 use lora_core::{Adapter, Init, Scaling, TargetModules};
-use lora_io::{read_peft, write_peft, write_safetensors, ModelFolder, PeftWriteOptions, SafetensorsFile};
+use lora_io::{
+    read_peft, rename_into_place, write_peft, write_safetensors, Existing, ModelFolder, PeftWriteOptions,
+    SafetensorsFile,
+};
 use ndarray::{ArrayD, Ix2};
 use serde::{Deserialize, Serialize};
 
@@ -581,7 +584,8 @@ impl Trainer {
     /// Write a checkpoint of the current state to `out_dir/checkpoint-<step>`: the PEFT adapter,
     /// [`OPTIMIZER_FILE`] and [`TRAINER_STATE_FILE`]. The folder is staged under a temporary
     /// name and renamed into place when complete, so a kill leaves either the whole checkpoint
-    /// or none. Returns the folder.
+    /// or none. A checkpoint of the same step is replaced in one step (the old one stays whole
+    /// until then); a failed write removes the staged folder. Returns the folder.
     pub fn save_checkpoint(&self, out_dir: &Path) -> Result<PathBuf> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -595,7 +599,22 @@ impl Trainer {
             std::fs::remove_dir_all(&stage).map_err(io(&stage))?;
         }
         std::fs::create_dir_all(&stage).map_err(io(&stage))?;
-        write_peft(&self.adapter()?, &stage, &PeftWriteOptions { dtype: Some(DType::F32) })?;
+        // A failed write (a full disk) leaves nothing behind.
+        self.write_checkpoint_files(&stage)
+            .and_then(|()| Ok(rename_into_place(&stage, &target, Existing::Replace)?))
+            .inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&stage);
+        })?;
+        Ok(target)
+    }
+
+    /// The files of a checkpoint, written into `stage`.
+    fn write_checkpoint_files(&self, stage: &Path) -> Result<()> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        write_peft(&self.adapter()?, stage, &PeftWriteOptions { dtype: Some(DType::F32) })?;
         let mut tensors: Vec<(String, ArrayD<f32>)> = Vec::new();
         for (module, m) in self.opt.moments() {
             for (f, t) in [
@@ -615,21 +634,7 @@ impl Trainer {
         let mut f = File::create(&state_path).map_err(io(&state_path))?;
         f.write_all(json.as_bytes()).and_then(|_| f.sync_all()).map_err(io(&state_path))?;
         drop(f);
-        if target.exists() {
-            let old = out_dir.join(format!(".{name}.old"));
-            if old.exists() {
-                std::fs::remove_dir_all(&old).map_err(io(&old))?;
-            }
-            std::fs::rename(&target, &old).map_err(io(&target))?;
-            std::fs::rename(&stage, &target).map_err(io(&target))?;
-            std::fs::remove_dir_all(&old).map_err(io(&old))?;
-        } else {
-            std::fs::rename(&stage, &target).map_err(io(&target))?;
-        }
-        if let Ok(d) = File::open(out_dir) {
-            let _ = d.sync_all();
-        }
-        Ok(target)
+        Ok(())
     }
 
     fn state(&self) -> TrainerState {

@@ -1,0 +1,235 @@
+//! NaN and infinities in input models: an error naming the file and the tensor, or with
+//! `--allow-nonfinite` one warning per tensor on stderr.
+//!
+//! Adapters need no check here: lora-core refuses non-finite LoRA factors, DoRA magnitudes and
+//! saved tensors when they are built, and lora-io names the file and tensor.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use lora_core::{DType, TensorInfo, TensorSource};
+use lora_io::{Location, SafetensorsFile};
+use ndarray::ArrayD;
+
+use crate::source::Model;
+
+/// What to do with a non-finite value in an input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonFinite {
+    /// An error naming the file and the tensor.
+    Refuse,
+    /// A warning on stderr (once per tensor); the values are used as they are.
+    Warn,
+}
+
+impl NonFinite {
+    /// The policy `--allow-nonfinite` asks for.
+    pub fn from_flag(allow: bool) -> Self {
+        if allow {
+            NonFinite::Warn
+        } else {
+            NonFinite::Refuse
+        }
+    }
+}
+
+/// A non-finite value found in a tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Found {
+    /// The file.
+    pub path: PathBuf,
+    /// The tensor.
+    pub tensor: String,
+    /// The element's index.
+    pub index: Vec<usize>,
+    /// NaN, inf or -inf.
+    pub value: f64,
+    /// What the user can do about it, if anything.
+    pub hint: Option<&'static str>,
+}
+
+impl fmt::Display for Found {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", Location::tensor(&self.path, &self.tensor), self.reason())
+    }
+}
+
+impl Found {
+    /// What was found where, and the hint: the message without the location.
+    pub fn reason(&self) -> String {
+        let mut s = format!("{} at index {:?}", self.value, self.index);
+        if let Some(hint) = self.hint {
+            s.push_str(&format!(" ({hint})"));
+        }
+        s
+    }
+}
+
+impl std::error::Error for Found {}
+
+/// The flat position and value of the first NaN or infinity in little-endian `dtype` bytes.
+pub fn first_nonfinite_raw(dtype: DType, raw: &[u8]) -> Option<(usize, f64)> {
+    // Exponent bits all ones: an infinity or a NaN. The `any` pass is cheap; the position is
+    // only looked for when there is one.
+    let bad = |v: u64| -> bool {
+        match dtype {
+            DType::F32 => v & 0x7f80_0000 == 0x7f80_0000,
+            DType::F16 => v & 0x7c00 == 0x7c00,
+            DType::BF16 => v & 0x7f80 == 0x7f80,
+            DType::F64 => v & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000,
+        }
+    };
+    let width = dtype.size();
+    let word = |c: &[u8]| -> u64 {
+        let mut b = [0u8; 8];
+        b[..c.len()].copy_from_slice(c);
+        u64::from_le_bytes(b)
+    };
+    let any = match dtype {
+        DType::F32 => raw.chunks_exact(4).any(|c| bad(u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))),
+        DType::F16 | DType::BF16 => raw.chunks_exact(2).any(|c| bad(u64::from(u16::from_le_bytes([c[0], c[1]])))),
+        DType::F64 => raw.chunks_exact(8).any(|c| bad(word(c))),
+    };
+    if !any {
+        return None;
+    }
+    raw.chunks_exact(width).enumerate().find(|(_, c)| bad(word(c))).map(|(i, c)| {
+        let value = match dtype {
+            DType::F32 => f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            DType::F16 => f64::from(half::f16::from_le_bytes([c[0], c[1]])),
+            DType::BF16 => f64::from(half::bf16::from_le_bytes([c[0], c[1]])),
+            DType::F64 => f64::from_bits(word(c)),
+        };
+        (i, value)
+    })
+}
+
+/// The n-dimensional index of a row-major flat position.
+pub fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
+    let mut index = vec![0; shape.len()];
+    for (i, &len) in shape.iter().enumerate().rev() {
+        if len > 0 {
+            index[i] = flat % len;
+            flat /= len;
+        }
+    }
+    index
+}
+
+/// Check one stored tensor of a safetensors file (integer tensors pass).
+pub fn check_stored(file: &SafetensorsFile, name: &str) -> Option<Found> {
+    let dtype = file.dtype(name)?;
+    let raw = file.raw(name)?;
+    let (flat, value) = first_nonfinite_raw(dtype, raw)?;
+    Some(Found {
+        path: file.path().to_path_buf(),
+        tensor: name.to_string(),
+        index: unravel(flat, file.shape(name).unwrap_or(&[])),
+        value,
+        hint: None,
+    })
+}
+
+/// Reports what [`NonFinite`] says: an error, or a warning once per tensor.
+#[derive(Debug)]
+pub struct Checker {
+    policy: NonFinite,
+    hint: Option<&'static str>,
+    warned: Mutex<HashSet<(PathBuf, String)>>,
+}
+
+impl Checker {
+    /// A checker with this policy; `hint` is added to its errors.
+    pub fn new(policy: NonFinite, hint: Option<&'static str>) -> Self {
+        Checker { policy, hint, warned: Mutex::new(HashSet::new()) }
+    }
+
+    /// The checker of a command that has `--allow-nonfinite`.
+    pub fn with_flag(allow: bool) -> Self {
+        Checker::new(NonFinite::from_flag(allow), Some("pass --allow-nonfinite to go on with a warning"))
+    }
+
+    /// Ok when nothing was found or the policy warns (then the warning is printed).
+    pub fn judge(&self, found: Option<Found>) -> Result<(), Found> {
+        let Some(found) = found else { return Ok(()) };
+        match self.policy {
+            NonFinite::Refuse => Err(Found { hint: self.hint, ..found }),
+            NonFinite::Warn => {
+                let key = (found.path.clone(), found.tensor.clone());
+                let first = self.warned.lock().map(|mut w| w.insert(key)).unwrap_or(true);
+                if first {
+                    eprintln!(
+                        "warning: {}: {} at index {:?}; used as it is (--allow-nonfinite)",
+                        Location::tensor(&found.path, &found.tensor),
+                        found.value,
+                        found.index
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Every tensor of a model, checked on its stored bytes.
+    pub fn check_model(&self, model: &Model) -> Result<(), Found> {
+        for (file, name) in model.stored_tensors() {
+            self.judge(check_stored(file, &name))?;
+        }
+        Ok(())
+    }
+}
+
+/// A model whose tensors are checked as they are read.
+#[derive(Debug)]
+pub struct Checked<'a> {
+    model: &'a Model,
+    checker: &'a Checker,
+}
+
+impl<'a> Checked<'a> {
+    /// Check `model`'s tensors with `checker` as they are read.
+    pub fn new(model: &'a Model, checker: &'a Checker) -> Self {
+        Checked { model, checker }
+    }
+
+    fn check(&self, name: &str) -> lora_core::Result<()> {
+        let found = self.model.file_of(name).and_then(|f| check_stored(f, name));
+        self.checker
+            .judge(found)
+            .map_err(|found| lora_core::Error::Source { name: name.to_string(), source: Box::new(InFile(found)) })
+    }
+}
+
+impl TensorSource for Checked<'_> {
+    fn tensor_names(&self) -> Vec<String> {
+        self.model.source().tensor_names()
+    }
+
+    fn tensor_info(&self, name: &str) -> Option<TensorInfo> {
+        self.model.source().tensor_info(name)
+    }
+
+    fn read_f32(&self, name: &str) -> lora_core::Result<ArrayD<f32>> {
+        self.check(name)?;
+        self.model.source().read_f32(name)
+    }
+
+    fn read_f64(&self, name: &str) -> lora_core::Result<ArrayD<f64>> {
+        self.check(name)?;
+        self.model.source().read_f64(name)
+    }
+}
+
+/// A [`Found`] inside lora-core's `Error::Source`, which names the tensor already.
+#[derive(Debug)]
+struct InFile(Found);
+
+impl fmt::Display for InFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.0.path.display(), self.0.reason())
+    }
+}
+
+impl std::error::Error for InFile {}
