@@ -21,7 +21,8 @@ use anyhow::{bail, Result};
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
-  ci                                     format check, clippy, tests (tidy rules included), docs
+  ci                                     format check, clippy, tests (tidy rules included), docs,
+                                         then `crates`
   release <X.Y.Z|major|minor|patch>      dry run of a release; add --execute to publish and tag
           [--execute] [--allow-dirty] [--skip-ci] [--no-verify] [--binary-profile release|dev]
   bench [--compare] [--python PATH] [--only BLOCK-PREFIX] [--small]
@@ -59,7 +60,10 @@ pub(crate) const PUBLISHED: &[&str] = &["lora-core", "lora-svd", "lora-io", "lor
 /// Each published crate on its own: `cargo check -p X` (with and without `--all-targets`), so that
 /// none relies on a feature only another workspace member turns on (cargo resolves the features
 /// of the selected package alone), and `cargo package --list` holds the manifest, the README and
-/// the sources, and no test data.
+/// the sources, and no test data. A single crate cannot be packaged alone before its internal
+/// dependencies are on crates.io (`cargo package -p lora-svd` looks lora-core up there);
+/// `cargo package --workspace` and the release's `cargo publish --workspace --dry-run` package
+/// them together.
 pub(crate) fn crates_alone(root: &std::path::Path) -> Result<()> {
     for krate in PUBLISHED {
         util::cargo(root, &["check", "-q", "-p", krate], &[])?;
@@ -86,5 +90,7 @@ pub(crate) fn ci(root: &std::path::Path) -> Result<()> {
     util::cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &[])?;
     util::cargo(root, &["test", "--workspace"], &[])?;
     util::cargo(root, &["doc", "--workspace", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings")])?;
+    // each crate alone: about 3 CPU-minutes the first time, seconds after
+    crates_alone(root)?;
     Ok(())
 }
