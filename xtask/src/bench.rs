@@ -1,16 +1,24 @@
-//! `cargo xtask bench [--compare]`: run the criterion benches and rewrite the generated blocks of
-//! docs/benchmarks.md from criterion's estimates; with `--compare`, run the reference scripts
-//! (PyTorch, PEFT) in the same session and put their output beside.
+//! `cargo xtask bench [--compare] [--python P] [--only PREFIX] [--small]`: run the criterion
+//! benches and rewrite the generated blocks of docs/benchmarks.md from criterion's estimates; with
+//! `--compare`, run the reference scripts (PyTorch, PEFT) in the same session and put their output
+//! beside, with the ratios.
 //!
 //! A generated block sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`; the prose
 //! around it (what was measured and why) is written by hand and kept.
+//!
+//! `--small` runs everything at toy sizes (it sets `LORA_BENCH_SMALL=1` for every bench and
+//! script, and `LORA_IO_BENCH_MB=8`) and prints the blocks instead of writing the document: a
+//! cheap check that the whole pipeline works, not a measurement.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::SystemTime;
 
 use anyhow::{bail, Context, Result};
 
 use crate::util::cargo;
+use crate::venv;
 
 /// One criterion bench target and the groups it reports.
 struct BenchSpec {
@@ -21,13 +29,24 @@ struct BenchSpec {
     features: &'static [&'static str],
     /// Criterion group names, as passed to `benchmark_group`.
     groups: &'static [&'static str],
+    /// What one element of `Throughput::Elements` is, for the throughput column.
+    element: &'static str,
+    /// Environment of the bench process.
+    env: &'static [(&'static str, &'static str)],
 }
 
 /// A reference script run with `--compare`.
 struct CompareSpec {
     block: &'static str,
     script: &'static str,
-    args: &'static [&'static str],
+    /// One run of the script per argument list; outputs are concatenated.
+    runs: &'static [&'static [&'static str]],
+    /// The runs of `--small`.
+    small_runs: &'static [&'static [&'static str]],
+    /// The script drives the release `lora` binary: build it first and pass `--lora PATH`.
+    binary: bool,
+    /// Ratios against criterion results of the same invocation, appended to the block.
+    ratios: Option<fn(&str, &Results) -> String>,
 }
 
 const BENCHES: &[BenchSpec] = &[
@@ -37,6 +56,8 @@ const BENCHES: &[BenchSpec] = &[
         bench: "forward",
         features: &["openblas-system"],
         groups: &["forward_openblas"],
+        element: "flop",
+        env: &[],
     },
     BenchSpec {
         block: "forward-mm",
@@ -44,115 +65,321 @@ const BENCHES: &[BenchSpec] = &[
         bench: "forward",
         features: &[],
         groups: &["forward_matrixmultiply"],
+        element: "flop",
+        env: &[],
     },
-    BenchSpec { block: "io", package: "lora-io", bench: "io", features: &[], groups: &["model", "adapter"] },
+    BenchSpec {
+        block: "io",
+        package: "lora-io",
+        bench: "io",
+        features: &[],
+        groups: &["model", "adapter"],
+        element: "elem",
+        env: &[],
+    },
+    BenchSpec {
+        block: "svd",
+        package: "lora-svd",
+        bench: "svd",
+        features: &[],
+        groups: &["extract", "resize"],
+        element: "elem",
+        env: &[],
+    },
+    BenchSpec {
+        block: "train",
+        package: "lora-train",
+        bench: "train_step",
+        features: &[],
+        groups: &["train_step/bench", "train_step/tiny"],
+        element: "token",
+        // a threaded OpenBLAS under the trainer's rayon pool oversubscribes the cores
+        env: &[("OPENBLAS_NUM_THREADS", "1")],
+    },
 ];
 
-const COMPARES: &[CompareSpec] = &[CompareSpec {
-    block: "forward-torch",
-    script: "crates/lora-core/benches/forward_torch.py",
-    args: &["--threads", "2"],
-}];
+const COMPARES: &[CompareSpec] = &[
+    CompareSpec {
+        block: "forward-torch",
+        script: "crates/lora-core/benches/forward_torch.py",
+        runs: &[&["--threads", "2"]],
+        small_runs: &[&["--threads", "2"]],
+        binary: false,
+        ratios: None,
+    },
+    CompareSpec {
+        block: "svd-torch",
+        script: "crates/lora-svd/benches/compare_torch.py",
+        runs: &[&[]],
+        small_runs: &[&[]],
+        binary: false,
+        ratios: None,
+    },
+    CompareSpec {
+        block: "merge-peft",
+        script: "crates/lora-cli/benches/merge_peft.py",
+        runs: &[&[]],
+        small_runs: &[&[]],
+        binary: true,
+        ratios: None,
+    },
+    CompareSpec {
+        block: "extract-torch",
+        script: "crates/lora-cli/benches/extract_torch.py",
+        runs: &[&[]],
+        small_runs: &[&[]],
+        binary: true,
+        ratios: None,
+    },
+    CompareSpec {
+        block: "train-step-torch",
+        script: "crates/lora-train/benches/train_step_torch.py",
+        runs: &[
+            &["--case", "tiny", "--threads", "2", "--steps", "20"],
+            &["--case", "bench", "--threads", "2", "--steps", "5"],
+        ],
+        small_runs: &[&["--case", "tiny", "--threads", "2", "--steps", "3"]],
+        binary: false,
+        ratios: Some(train_step_ratios),
+    },
+    CompareSpec {
+        block: "train-torch",
+        script: "crates/lora-cli/benches/train_torch.py",
+        runs: &[&["--threads", "2"]],
+        small_runs: &[&["--threads", "2"]],
+        binary: true,
+        ratios: None,
+    },
+];
+
+/// Criterion results of this invocation: full benchmark id -> (median ns, elements per iteration).
+type Results = HashMap<String, (f64, Option<f64>)>;
 
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
+    let (python, args) = venv::take_python_arg(args)?;
     let mut compare = false;
+    let mut small = false;
     let mut only: Option<String> = None;
-    let mut python = root.join("target/bench-venv/bin/python");
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--compare" => compare = true,
-            "--python" => python = PathBuf::from(it.next().context("--python needs a path")?),
+            "--small" => small = true,
             "--only" => only = Some(it.next().context("--only needs a block name prefix")?.clone()),
             other => bail!("unknown argument {other}"),
         }
     }
+    let mut env: Vec<(&str, &str)> = Vec::new();
+    if small {
+        env.extend([("LORA_BENCH_SMALL", "1"), ("LORA_IO_BENCH_MB", "8")]);
+    }
     let doc_path = root.join("docs/benchmarks.md");
     let mut doc = std::fs::read_to_string(&doc_path).context("docs/benchmarks.md")?;
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut blocks: Vec<(&str, String)> = Vec::new();
+    let mut results = Results::new();
     let selected = |block: &str| only.as_deref().is_none_or(|prefix| block.starts_with(prefix));
+    let target = target_dir(root);
     for spec in BENCHES.iter().filter(|s| selected(s.block)) {
+        let load = load_average();
         let mut cmd = vec!["bench", "-p", spec.package, "--bench", spec.bench];
         let features = spec.features.join(",");
         if !features.is_empty() {
             cmd.extend(["--features", &features]);
         }
-        cargo(root, &cmd, &[])?;
+        let bench_env: Vec<(&str, &str)> = spec.env.iter().copied().chain(env.iter().copied()).collect();
+        let started = SystemTime::now();
+        cargo(root, &cmd, &bench_env)?;
+        let rows = read_results(&target.join("criterion"), started)?;
+        let prefix: String = bench_env.iter().map(|(k, v)| format!("{k}={v} ")).collect();
         let mut table = format!(
-            "`cargo {}` (load average before: {})\n\n| group | function | median | ratio to first |\n|---|---|---|---|\n",
+            "`{prefix}cargo {}` (load average before: {load})\n\n\
+             | benchmark | median | throughput | ratio to first of group |\n|---|---|---|---|\n",
             cmd.join(" "),
-            load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
         );
         for group in spec.groups {
-            let rows = read_group(&root.join("target/criterion").join(group))?;
-            let first = rows.first().map_or(1.0, |r| r.1);
-            for (name, ns) in &rows {
-                table.push_str(&format!("| {group} | {name} | {} | {:.4} |\n", human(*ns), ns / first));
+            let in_group: Vec<&Row> = rows.iter().filter(|r| r.group == *group).collect();
+            let first = in_group.first().map_or(1.0, |r| r.median_ns);
+            for row in &in_group {
+                let throughput = match row.throughput {
+                    Some(Throughput::Elements(n)) => {
+                        format!("{}{}/s", si(n / (row.median_ns * 1e-9)), spec.element)
+                    }
+                    Some(Throughput::Bytes(n)) => format!("{:.0} MiB/s", n / (row.median_ns * 1e-9) / 1048576.0),
+                    None => String::new(),
+                };
+                table.push_str(&format!(
+                    "| {} | {} | {throughput} | {:.4} |\n",
+                    row.id,
+                    human(row.median_ns),
+                    row.median_ns / first
+                ));
+                let elements = match row.throughput {
+                    Some(Throughput::Elements(n)) => Some(n),
+                    _ => None,
+                };
+                results.insert(row.id.clone(), (row.median_ns, elements));
             }
         }
-        doc = replace_block(&doc, spec.block, &table)?;
+        eprintln!("{table}");
+        blocks.push((spec.block, table));
     }
     if compare {
-        ensure_venv(root, &python)?;
-        for spec in COMPARES.iter().filter(|s| selected(s.block)) {
-            let out = Command::new(&python)
-                .arg(root.join(spec.script))
-                .args(spec.args)
-                .current_dir(root)
-                .output()
-                .with_context(|| format!("running {}", spec.script))?;
-            if !out.status.success() {
-                bail!("{} failed: {}", spec.script, String::from_utf8_lossy(&out.stderr));
-            }
-            let text = format!(
-                "`{} {} {}`\n\n```\n{}```\n",
-                python.display(),
-                spec.script,
-                spec.args.join(" "),
-                String::from_utf8_lossy(&out.stdout)
-            );
-            doc = replace_block(&doc, spec.block, &text)?;
+        let python = venv::python(root, python)?;
+        let specs: Vec<&CompareSpec> = COMPARES.iter().filter(|s| selected(s.block)).collect();
+        let lora = target.join("release/lora");
+        if specs.iter().any(|s| s.binary) {
+            cargo(root, &["build", "--release", "-p", "lora-cli"], &[])?;
         }
+        for spec in specs {
+            let load = load_average();
+            let mut text = String::new();
+            for run_args in if small { spec.small_runs } else { spec.runs } {
+                let mut args: Vec<String> = run_args.iter().map(|a| a.to_string()).collect();
+                if spec.binary {
+                    args.extend(["--lora".to_string(), relative(root, &lora)]);
+                }
+                let shown = format!("{} {} {}", relative(root, &python), spec.script, args.join(" "));
+                eprintln!("$ {shown}");
+                let out = Command::new(&python)
+                    .arg(root.join(spec.script))
+                    .args(&args)
+                    .envs(env.iter().copied())
+                    .current_dir(root)
+                    .stderr(Stdio::inherit())
+                    .output()
+                    .with_context(|| format!("running {}", spec.script))?;
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                eprint!("{stdout}");
+                if !out.status.success() {
+                    bail!("{} failed ({})", spec.script, out.status);
+                }
+                text.push_str(&format!("`{shown}` (load average before: {load})\n\n```\n{stdout}```\n"));
+                if let Some(ratios) = spec.ratios {
+                    let lines = ratios(&stdout, &results);
+                    eprint!("{lines}");
+                    text.push_str(&format!("\n```\n{lines}```\n"));
+                }
+            }
+            blocks.push((spec.block, text));
+        }
+    }
+    if small {
+        for (block, text) in &blocks {
+            println!("<!-- bench:{block} -->\n{text}<!-- /bench:{block} -->\n");
+        }
+        eprintln!("--small: docs/benchmarks.md left as it was");
+        return Ok(());
+    }
+    for (block, text) in &blocks {
+        doc = replace_block(&doc, block, text)?;
     }
     std::fs::write(&doc_path, doc)?;
     eprintln!("docs/benchmarks.md updated");
     Ok(())
 }
 
-/// Create the reference venv under target/ when it is missing.
-fn ensure_venv(root: &Path, python: &Path) -> Result<()> {
-    if python.exists() {
-        return Ok(());
+/// lora-train's criterion tokens/s against the lines `CASE FUNCTION: X ms/step, Y tokens/s` of
+/// train_step_torch.py.
+fn train_step_ratios(stdout: &str, results: &Results) -> String {
+    let mut out = String::new();
+    for line in stdout.lines() {
+        let Some((name, rest)) = line.split_once(": ") else { continue };
+        let Some(torch) = rest.split(", ").find_map(|p| p.strip_suffix(" tokens/s")?.trim().parse::<f64>().ok()) else {
+            continue;
+        };
+        let Some((case, function)) = name.split_once(' ') else { continue };
+        let id = format!("train_step/{case}/{function}");
+        match results.get(&id) {
+            Some((ns, Some(tokens))) => {
+                let ours = tokens / (ns * 1e-9);
+                out.push_str(&format!(
+                    "{id}: lora-train {ours:.0} tokens/s, PyTorch + PEFT {torch:.0} tokens/s, ratio {:.2}\n",
+                    ours / torch
+                ));
+            }
+            _ => out.push_str(&format!("{id}: no criterion result in this run (run the `train` block too)\n")),
+        }
     }
-    let venv = root.join("target/bench-venv");
-    eprintln!("creating {} with torch, transformers, peft (a few GB, once)", venv.display());
-    let ok = Command::new("python3").arg("-m").arg("venv").arg(&venv).status()?.success()
-        && Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "torch", "transformers", "peft", "safetensors", "numpy", "gguf"])
-            .status()?
-            .success();
-    if !ok {
-        bail!("could not create the benchmark venv at {}", venv.display());
-    }
-    Ok(())
+    out
 }
 
-/// (function, median ns) for every function of a criterion group, in name order.
-fn read_group(dir: &Path) -> Result<Vec<(String, f64)>> {
+fn load_average() -> String {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
+}
+
+fn relative(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root).unwrap_or(path).display().to_string()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Throughput {
+    Elements(f64),
+    Bytes(f64),
+}
+
+/// One criterion benchmark's result.
+#[derive(Debug)]
+struct Row {
+    group: String,
+    id: String,
+    median_ns: f64,
+    throughput: Option<Throughput>,
+}
+
+/// Every criterion result under `dir` written at or after `since` (so results of earlier runs
+/// of benches that did not run now are left out), sorted by id.
+fn read_results(dir: &Path, since: SystemTime) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
-    let entries = std::fs::read_dir(dir).with_context(|| format!("no criterion results in {}", dir.display()))?;
-    for entry in entries {
-        let path = entry?.path();
-        let estimates = path.join("new/estimates.json");
-        if !estimates.exists() {
-            continue;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir).with_context(|| format!("no criterion results in {}", dir.display()))?;
+        for entry in entries {
+            let path = entry?.path();
+            if !path.is_dir() {
+                continue;
+            }
+            if path.file_name().is_some_and(|n| n == "new") {
+                let estimates = path.join("estimates.json");
+                let fresh = std::fs::metadata(&estimates).and_then(|m| m.modified()).is_ok_and(|t| t >= since);
+                if fresh {
+                    rows.push(read_row(&path)?);
+                }
+            } else if path.file_name().is_some_and(|n| n != "base" && n != "change" && n != "report") {
+                stack.push(path);
+            }
         }
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&estimates)?)?;
-        let ns = json["median"]["point_estimate"].as_f64().context("median in estimates.json")?;
-        rows.push((path.file_name().unwrap_or_default().to_string_lossy().into_owned(), ns));
     }
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(rows)
+}
+
+fn read_row(new: &Path) -> Result<Row> {
+    let json = |name: &str| -> Result<serde_json::Value> {
+        let path = new.join(name);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}", path.display()))
+    };
+    let estimates = json("estimates.json")?;
+    let benchmark = json("benchmark.json")?;
+    let median_ns = estimates["median"]["point_estimate"].as_f64().context("median in estimates.json")?;
+    let text =
+        |key: &str| benchmark[key].as_str().map(str::to_string).with_context(|| format!("{key} in benchmark.json"));
+    let throughput = match &benchmark["throughput"] {
+        serde_json::Value::Object(t) => {
+            if let Some(n) = t.get("Elements").and_then(serde_json::Value::as_f64) {
+                Some(Throughput::Elements(n))
+            } else {
+                t.get("Bytes").and_then(serde_json::Value::as_f64).map(Throughput::Bytes)
+            }
+        }
+        _ => None,
+    };
+    Ok(Row { group: text("group_id")?, id: text("full_id")?, median_ns, throughput })
 }
 
 fn human(ns: f64) -> String {
@@ -161,6 +388,16 @@ fn human(ns: f64) -> String {
         ns if ns >= 1e6 => format!("{:.2} ms", ns / 1e6),
         ns if ns >= 1e3 => format!("{:.2} µs", ns / 1e3),
         ns => format!("{ns:.0} ns"),
+    }
+}
+
+/// A rate with an SI prefix: 1234567 -> "1.23 M".
+fn si(per_second: f64) -> String {
+    match per_second {
+        x if x >= 1e9 => format!("{:.2} G", x / 1e9),
+        x if x >= 1e6 => format!("{:.2} M", x / 1e6),
+        x if x >= 1e3 => format!("{:.2} k", x / 1e3),
+        x => format!("{x:.1} "),
     }
 }
 
@@ -193,5 +430,46 @@ mod tests {
         for block in BENCHES.iter().map(|b| b.block).chain(COMPARES.iter().map(|c| c.block)) {
             assert!(replace_block(&doc, block, "").is_ok(), "docs/benchmarks.md lacks the block {block}");
         }
+    }
+
+    #[test]
+    fn every_script_exists() {
+        let root = crate::util::workspace_root();
+        for spec in COMPARES {
+            assert!(root.join(spec.script).is_file(), "{} is missing", spec.script);
+        }
+    }
+
+    #[test]
+    fn criterion_results_are_read_and_stale_ones_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |rel: &str, group: &str, id: &str, median: f64, throughput: &str| {
+            let new = dir.path().join(rel).join("new");
+            std::fs::create_dir_all(&new).unwrap();
+            std::fs::write(
+                new.join("benchmark.json"),
+                format!(r#"{{"group_id": "{group}", "full_id": "{id}", "throughput": {throughput}}}"#),
+            )
+            .unwrap();
+            std::fs::write(new.join("estimates.json"), format!(r#"{{"median": {{"point_estimate": {median}}}}}"#))
+                .unwrap();
+        };
+        write("train_step_tiny/forward", "train_step/tiny", "train_step/tiny/forward", 2e6, r#"{"Elements": 512}"#);
+        write("io/copy", "io", "io/copy", 1e9, r#"{"Bytes": 1048576}"#);
+        write("x/base/new", "x", "x/stale", 1.0, "null");
+        let rows = read_results(dir.path(), SystemTime::UNIX_EPOCH).unwrap();
+        let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["io/copy", "train_step/tiny/forward"]);
+        assert_eq!(rows[0].throughput, Some(Throughput::Bytes(1048576.0)));
+        assert_eq!(rows[1].throughput, Some(Throughput::Elements(512.0)));
+        let later = SystemTime::now() + std::time::Duration::from_secs(3600);
+        assert!(read_results(dir.path(), later).unwrap().is_empty());
+
+        let results: Results = [("train_step/tiny/forward".to_string(), (2e6, Some(512.0)))].into();
+        let lines = train_step_ratios("tiny forward: 4.0 ms/step, 128000 tokens/s\nnoise\n", &results);
+        assert_eq!(
+            lines,
+            "train_step/tiny/forward: lora-train 256000 tokens/s, PyTorch + PEFT 128000 tokens/s, ratio 2.00\n"
+        );
     }
 }

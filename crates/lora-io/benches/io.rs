@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use lora_core::{Adapter, AdapterConfig, AdapterModule, DType, Init, LoraLayer, Scaling, TargetModules, TensorSource};
@@ -76,8 +77,13 @@ fn benches(c: &mut Criterion) {
     let out = tmp.path().join("out");
     std::fs::create_dir_all(&out).expect("mkdir");
 
+    // `LORA_BENCH_SMALL=1` (`cargo xtask bench --small`): short measurements, to check the bench
+    let small = std::env::var("LORA_BENCH_SMALL").is_ok_and(|v| !v.is_empty() && v != "0");
     let mut g = c.benchmark_group("model");
     g.sample_size(10);
+    if small {
+        g.warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1));
+    }
     g.throughput(Throughput::Bytes(bytes));
     g.bench_function("copy_files_fsync (baseline)", |b| b.iter(|| copy_folder(&src, &out)));
     g.bench_function("write_model_raw", |b| {
@@ -106,6 +112,9 @@ fn benches(c: &mut Criterion) {
     let opts = GgufOptions { architecture: "llama".into(), head_count: 32, head_count_kv: 32, dtype: None };
     let mut g = c.benchmark_group("adapter");
     g.sample_size(10);
+    if small {
+        g.warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1));
+    }
     g.throughput(Throughput::Bytes(adapter_bytes));
     g.bench_function("copy_file_fsync (baseline)", |b| {
         b.iter(|| {

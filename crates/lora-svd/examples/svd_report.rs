@@ -2,7 +2,8 @@
 //!
 //! - `svd_report full`: exact against randomized extraction on 4096 x 4096 and 4096 x 11008
 //!   (time, error ratio to the optimum), and resize 64 -> 16 against rebuild plus full SVD.
-//! - `svd_report dump DIR`: write the benchmark matrices as raw little-endian f32.
+//! - `svd_report dump DIR [ROWSxCOLS ...]`: write the benchmark matrices (default: the two shapes
+//!   above) as raw little-endian f32, `DIR/decaying_ROWSxCOLS.f32`.
 //! - `svd_report time FILE ROWS COLS RANK REPS [OVERSAMPLE POWER_ITERS]`: time randomized
 //!   extraction on a dumped matrix, print JSON.
 //!
@@ -31,11 +32,11 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("full") => full(),
-        Some("dump") => dump(args.get(1).map_or("/tmp/lora-svd-bench", String::as_str)),
+        Some("dump") => dump(args.get(1).map_or("/tmp/lora-svd-bench", String::as_str), &args[2.min(args.len())..]),
         Some("time") => time(&args[1..]),
         Some("model") => model(&args[1..]),
         _ => anyhow::bail!(
-            "usage: svd_report full | dump DIR | time FILE ROWS COLS RANK REPS [P Q] | model LAYERS THREADS"
+            "usage: svd_report full | dump DIR [ROWSxCOLS ...] | time FILE ROWS COLS RANK REPS [P Q] | model LAYERS THREADS"
         ),
     }
 }
@@ -121,9 +122,20 @@ fn frob(a: &Array2<f32>) -> f64 {
     a.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt()
 }
 
-fn dump(dir: &str) -> anyhow::Result<()> {
+fn dump(dir: &str, shapes: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
-    for (m, n) in SHAPES {
+    let shapes: Vec<(usize, usize)> = if shapes.is_empty() {
+        SHAPES.to_vec()
+    } else {
+        shapes
+            .iter()
+            .map(|s| {
+                let (m, n) = s.split_once('x').ok_or_else(|| anyhow::anyhow!("shape {s}: expected ROWSxCOLS"))?;
+                Ok((m.parse()?, n.parse()?))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    for (m, n) in shapes {
         let delta = data::decaying(m, n, 1);
         let path = format!("{dir}/decaying_{m}x{n}.f32");
         let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);

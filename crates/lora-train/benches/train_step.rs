@@ -5,7 +5,9 @@
 //! `train_step_torch.py` beside this file; figures live in docs/benchmarks.md.
 //!
 //! `LORA_BENCH_THREADS` sets the rayon pool (default 2; 0 for the sequential path); OpenBLAS
-//! threads are set by `OPENBLAS_NUM_THREADS` (use 1 with a rayon pool: both at once oversubscribe). `LORA_BENCH_ONLY=tiny|bench` runs one config.
+//! threads are set by `OPENBLAS_NUM_THREADS` (use 1 with a rayon pool: both at once oversubscribe).
+//! `LORA_BENCH_ONLY=tiny|bench` runs one config; `LORA_BENCH_SMALL=1` runs the tiny one with
+//! short measurements (`cargo xtask bench --small`), to check the bench cheaply.
 
 use std::time::Duration;
 
@@ -79,7 +81,8 @@ fn random_model(config: &ModelConfig, threads: usize) -> Model<f32> {
 fn bench(c: &mut Criterion) {
     lora_train::retain_freed_memory();
     let threads = std::env::var("LORA_BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
-    let only = std::env::var("LORA_BENCH_ONLY").ok();
+    let small = std::env::var("LORA_BENCH_SMALL").is_ok_and(|v| !v.is_empty() && v != "0");
+    let only = if small { Some("tiny".to_string()) } else { std::env::var("LORA_BENCH_ONLY").ok() };
     for case in CASES.iter().filter(|c| only.as_deref().is_none_or(|o| o == c.name)) {
         let config = ModelConfig::from_json(case.config, case.name).expect("valid config");
         let model = random_model(&config, threads);
@@ -90,6 +93,9 @@ fn bench(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("train_step/{}", case.name));
         group.throughput(Throughput::Elements((case.batch * case.seq) as u64));
         group.sample_size(10).warm_up_time(Duration::from_secs(3)).measurement_time(Duration::from_secs(20));
+        if small {
+            group.warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1));
+        }
         group.bench_function("forward_backward", |b| {
             b.iter(|| model.loss_and_grads(&batch, StepOptions::default()).expect("step"))
         });
