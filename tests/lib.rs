@@ -1,1 +1,5 @@
-//! Cross-crate integration tests live in `it/`; this library is empty.
+//! Cross-crate integration tests live in `it/`. This library holds what they share with the
+//! cargo-fuzz targets in `fuzz/`: the fuzz harnesses and their seed inputs.
+
+pub mod fuzzing;
+pub mod seeds;

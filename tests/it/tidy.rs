@@ -72,7 +72,8 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
         let path = entry.expect("folder entry").path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if path.is_dir() {
-            if !name.starts_with('.') && name != "target" && name != "fixtures" {
+            let data = ["target", "fixtures", "corpus", "artifacts"];
+            if !name.starts_with('.') && !data.contains(&name) {
                 rust_files(&path, out);
             }
         } else if name.ends_with(".rs") {
@@ -84,7 +85,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 fn all_rust_files() -> Vec<PathBuf> {
     let root = workspace_root();
     let mut files = Vec::new();
-    for dir in ["crates", "xtask", "tests"] {
+    for dir in ["crates", "xtask", "tests", "fuzz"] {
         rust_files(&root.join(dir), &mut files);
     }
     assert!(files.len() > 10, "found only {} Rust files", files.len());

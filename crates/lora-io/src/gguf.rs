@@ -273,7 +273,10 @@ impl Cursor<'_> {
                         format!("array of {n} items is longer than the rest of the file"),
                     ));
                 }
-                let mut items = Vec::with_capacity(n as usize);
+                // Reserve no more items than the rest of the file can hold (each takes at least
+                // one byte), so a hostile count cannot make this allocate beyond the input.
+                let rest = (self.buf.len() - self.pos) as u64 / min_value_size(ety);
+                let mut items = Vec::with_capacity(n.min(rest) as usize);
                 for _ in 0..n {
                     items.push(self.value(ety, key, depth + 1)?);
                 }
@@ -289,6 +292,19 @@ impl Cursor<'_> {
                 ))
             }
         })
+    }
+}
+
+/// The fewest bytes a metadata value of type `ty` takes in the file.
+fn min_value_size(ty: u32) -> u64 {
+    match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        // a string's length, an array's type and length
+        8 => 8,
+        9 => 12,
+        _ => 8,
     }
 }
 
@@ -502,6 +518,16 @@ pub fn read_gguf<T: Scalar>(path: impl AsRef<Path>, base_config: Option<&Value>)
         };
         let a = to2(a_key)?;
         let mut b = to2(b_key)?;
+        // A factor with no values can claim any length for its other dimension; refuse it before
+        // the row permutation below walks that length.
+        for (key, what, t) in [(a_key, "lora_a", &a), (b_key, "lora_b", &b)] {
+            if t.is_empty() {
+                return Err(Error::core(
+                    Location::tensor(path, key),
+                    lora_core::Error::EmptyDimension { what: what.into(), shape: t.shape().to_vec() },
+                ));
+            }
+        }
         if b.ncols() != a.nrows() {
             return Err(Error::RankMismatch {
                 at: Location::tensor(path, b_key),

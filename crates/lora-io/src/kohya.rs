@@ -260,9 +260,11 @@ pub fn read_kohya<T: Scalar>(path: impl AsRef<Path>, resolver: &ModuleResolver) 
 
     let meta = file.metadata();
     let parse = |k: &str| meta.get(k).and_then(|v| v.trim().parse::<f64>().ok()).filter(|v| v.is_finite());
+    // ss_network_dim is the default rank only when some module has it: a claim that no tensor
+    // backs (ss_network_dim = 1e300) is ignored.
     let rank = parse("ss_network_dim")
         .map(|v| v as usize)
-        .filter(|&r| r > 0)
+        .filter(|&r| modules.iter().any(|(_, l)| l.rank() == r))
         .or_else(|| most_common(modules.iter().map(|(_, l)| l.rank())))
         .unwrap_or(1);
     let alpha = parse("ss_network_alpha").or_else(|| modules.first().map(|(_, l)| l.alpha())).unwrap_or(rank as f64);

@@ -75,4 +75,6 @@ pub use peft::{
 pub use st::{write_safetensors, PlannedTensor, SafetensorsFile, SafetensorsWriter};
 
 #[cfg(test)]
+mod bounds_tests;
+#[cfg(test)]
 mod tests;

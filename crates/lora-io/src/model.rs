@@ -1,7 +1,7 @@
 //! Hugging Face model folders: `config.json` and `model.safetensors`, or sharded
 //! `model-0000N-of-0000M.safetensors` with `model.safetensors.index.json`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use indexmap::IndexMap;
@@ -41,7 +41,7 @@ impl ModelFolder {
             let map = index.get("weight_map").and_then(Value::as_object).ok_or_else(|| {
                 Error::config(Location::tensor(&index_path, "weight_map"), "missing or not an object")
             })?;
-            let mut names: Vec<String> = Vec::new();
+            let mut names: BTreeSet<String> = BTreeSet::new();
             let mut weight_map = BTreeMap::new();
             for (tensor, file) in map {
                 let file = file.as_str().ok_or_else(|| {
@@ -53,12 +53,23 @@ impl ModelFolder {
                         format!("shard name {file:?} points outside the folder"),
                     ));
                 }
-                if !names.iter().any(|n| n == file) {
-                    names.push(file.to_string());
-                }
+                names.insert(file.to_string());
                 weight_map.insert(tensor.clone(), file.to_string());
             }
-            names.sort();
+            let names: Vec<String> = names.into_iter().collect();
+            // Check that every shard is there before mapping any, so that an index listing
+            // thousands of absent shards fails at once, naming how many are missing.
+            let missing: Vec<&String> = names.iter().filter(|n| !dir.join(n).is_file()).collect();
+            if let Some(first) = missing.first() {
+                return Err(Error::config(
+                    Location::file(&index_path),
+                    format!(
+                        "the index lists {} shards and {} of them are not in the folder (first: {first})",
+                        names.len(),
+                        missing.len()
+                    ),
+                ));
+            }
             (Some(index), names, Some(weight_map))
         } else if dir.join(SINGLE_FILE).exists() {
             (None, vec![SINGLE_FILE.to_string()], None)

@@ -222,6 +222,21 @@ impl ModelConfig {
                 return bad(format!("{name} must be at least 1"));
             }
         }
+        // Every weight's element count must be representable: a config.json claiming sizes
+        // whose products overflow is refused here, before anything is computed from them.
+        for (what, a, b) in [
+            ("num_attention_heads x head_dim", self.num_attention_heads, self.head_dim),
+            ("num_key_value_heads x head_dim", self.num_key_value_heads, self.head_dim),
+            ("vocab_size x hidden_size", self.vocab_size, self.hidden_size),
+            ("intermediate_size x hidden_size", self.intermediate_size, self.hidden_size),
+        ] {
+            if a.checked_mul(b).is_none_or(|n| n > isize::MAX as usize) {
+                return bad(format!("{what} = {a} x {b} overflows"));
+            }
+        }
+        if self.q_dim().checked_mul(self.hidden_size).is_none_or(|n| n > isize::MAX as usize) {
+            return bad(format!("the query projection ({} x {}) overflows", self.q_dim(), self.hidden_size));
+        }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",

@@ -337,6 +337,27 @@ fn read_tensor<T: Scalar, S: TensorSource + ?Sized>(source: &S, name: &str, shap
     Ok(t)
 }
 
+/// Compare the sizes config.json claims with the weights before anything is allocated from
+/// them: the vocabulary with the embedding table's rows, the layer count with the last layer's
+/// tensors. A config claiming a vocabulary of 10^12 or a million layers fails here, naming the
+/// field.
+fn check_claims<S: TensorSource + ?Sized>(c: &ModelConfig, source: &S, file: &str) -> Result<()> {
+    let bad = |message: String| Err(Error::Config { file: file.to_string(), message });
+    let embed = "model.embed_tokens.weight";
+    if let Some(rows) = source.tensor_info(embed).and_then(|i| i.shape.first().copied()) {
+        if rows != c.vocab_size {
+            return bad(format!("vocab_size {} disagrees with {embed}, which has {rows} rows", c.vocab_size));
+        }
+    }
+    if let Some(last) = c.num_hidden_layers.checked_sub(1) {
+        let norm = format!("model.layers.{last}.input_layernorm.weight");
+        if source.tensor_info(&norm).is_none() {
+            return bad(format!("num_hidden_layers {} but the weights have no {norm}", c.num_hidden_layers));
+        }
+    }
+    Ok(())
+}
+
 fn read2<T: Scalar, S: TensorSource + ?Sized>(source: &S, name: &str, rows: usize, cols: usize) -> Result<Array2<T>> {
     Ok(read_tensor(source, name, &[rows, cols])?.into_dimensionality::<Ix2>().expect("shape checked"))
 }
@@ -350,20 +371,31 @@ impl<T: Scalar> Model<T> {
     /// safetensors, f32, f16 or bf16), memory-mapped and converted to `T` one tensor at a time.
     pub fn from_dir(dir: impl AsRef<std::path::Path>) -> Result<Self> {
         let dir = dir.as_ref();
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let config = ModelConfig::from_file(&config_path)?;
         let folder = lora_io::ModelFolder::open(dir)?;
-        Self::from_source(config, &folder)
+        Self::load(config, &folder, &config_path.display().to_string())
     }
 
     /// Load the weights named as in a transformers checkpoint (`model.embed_tokens.weight`,
     /// `model.layers.0.self_attn.q_proj.weight`, ...) from `source`, converted to `T`.
     /// Missing tensors, wrong shapes and non-finite values are errors naming the tensor.
     pub fn from_source<S: TensorSource + ?Sized>(config: ModelConfig, source: &S) -> Result<Self> {
-        config.validate()?;
+        Self::load(config, source, "<config>")
+    }
+
+    /// [`Model::from_source`]; `file` names the config in errors.
+    fn load<S: TensorSource + ?Sized>(config: ModelConfig, source: &S, file: &str) -> Result<Self> {
+        config.validate().map_err(|e| match e {
+            Error::Config { message, .. } => Error::Config { file: file.to_string(), message },
+            e => e,
+        })?;
+        check_claims(&config, source, file)?;
         let c = &config;
         let (h, i, qd, kvd) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
         let embed = read2(source, "model.embed_tokens.weight", c.vocab_size, h)?;
-        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+        // No reservation from the config's layer count: the weights bound it, not the claim.
+        let mut blocks = Vec::new();
         for l in 0..c.num_hidden_layers {
             let mut linears = Vec::with_capacity(7);
             for p in Proj::ALL {

@@ -10,6 +10,11 @@ use crate::{Batch, LoraConfig, Model, ModelConfig, StepOptions, IGNORE_INDEX};
 
 /// A model of `config` with random weights (norm weights near 1, every bias non-zero).
 fn random_model(config: &ModelConfig, seed: u64) -> Model<f64> {
+    Model::from_source(config.clone(), &random_weights(config, seed)).expect("consistent random weights")
+}
+
+/// The weights of [`random_model`].
+fn random_weights(config: &ModelConfig, seed: u64) -> MemorySource {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut src = MemorySource::new();
     let mut put = |name: String, shape: &[usize], centre: f64, spread: f64| {
@@ -42,7 +47,7 @@ fn random_model(config: &ModelConfig, seed: u64) -> Model<f64> {
             }
         }
     }
-    Model::from_source(config.clone(), &src).expect("consistent random weights")
+    src
 }
 
 fn qwen2_gqa_tied() -> ModelConfig {
@@ -220,4 +225,56 @@ fn eval_needs_a_tokenizer_or_a_byte_vocabulary_and_whole_blocks() {
     let (a, b) = (evaluate(&model, &ids, 8, 1).unwrap(), evaluate(&model, &ids, 8, 4).unwrap());
     assert_eq!((a.blocks, a.tokens), (6, 6 * 7));
     assert!((a.loss - b.loss).abs() < 1e-12 && (a.perplexity - a.loss.exp()).abs() < 1e-9);
+}
+
+/// Resource bounds (issue 9): a config.json claiming sizes the weights do not have fails with an
+/// error naming the field before anything of the claimed size is allocated.
+mod claims {
+    use super::*;
+
+    fn claiming(field: &str, value: serde_json::Value) -> (crate::Result<Model<f64>>, ModelConfig) {
+        let src = random_weights(&llama_biases_untied(), 1);
+        let mut json: serde_json::Value = serde_json::from_str(
+            r#"{"model_type": "llama", "hidden_size": 12, "intermediate_size": 20, "num_hidden_layers": 2,
+                "num_attention_heads": 3, "vocab_size": 24, "attention_bias": true, "mlp_bias": true}"#,
+        )
+        .unwrap();
+        json[field] = value;
+        let config = ModelConfig::from_json(&json.to_string(), "config.json").unwrap();
+        (Model::from_source(config.clone(), &src), config)
+    }
+
+    #[test]
+    fn a_vocabulary_of_1e12_is_refused_naming_vocab_size() {
+        let (r, c) = claiming("vocab_size", 1_000_000_000_000u64.into());
+        assert_eq!(c.vocab_size, 1_000_000_000_000);
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("vocab_size 1000000000000 disagrees with model.embed_tokens.weight, which has 24 rows"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_trillion_layers_are_refused_before_any_is_reserved() {
+        let (r, _) = claiming("num_hidden_layers", 1_000_000_000_000u64.into());
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("num_hidden_layers 1000000000000 but the weights have no model.layers.999999999999."),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sizes_whose_products_overflow_are_refused_by_the_parser() {
+        let text = r#"{"model_type": "llama", "hidden_size": 12, "intermediate_size": 20, "num_hidden_layers": 1,
+            "num_attention_heads": 1099511627776, "head_dim": 1099511627776, "vocab_size": 24}"#;
+        let e = ModelConfig::from_json(text, "dir/config.json").unwrap_err().to_string();
+        assert!(e.starts_with("dir/config.json: num_attention_heads x head_dim") && e.contains("overflows"), "{e}");
+        let text = text.replace("1099511627776", "2").replace(r#""vocab_size": 24"#, r#""vocab_size": 1e20"#);
+        assert!(ModelConfig::from_json(&text, "c").is_err());
+        let text = text.replace("1e20", "4611686018427387904");
+        let e = ModelConfig::from_json(&text, "c").unwrap_err().to_string();
+        assert!(e.contains("vocab_size x hidden_size"), "{e}");
+    }
 }
