@@ -275,6 +275,7 @@ fn killed_runs_leave_no_output_or_a_complete_one() {
                 std::fs::remove_dir_all(&out).or_else(|_| std::fs::remove_file(&out)).unwrap();
             }
         }
+        eprintln!("{cmd}: {caught} of {} kills landed while the output was staged", KILLS.len());
         assert!(caught > 0, "{cmd}: no kill landed while the output was being written");
         // What the killed runs left does not stop the next run, which removes it.
         ok(&run(&out, &[]));
@@ -301,6 +302,7 @@ fn killed_forced_runs_keep_the_previous_output_whole() {
             let found = snapshot(&out).unwrap_or_else(|| panic!("{cmd} --force killed at {when:?} left no output"));
             assert!(found == old || found == new, "{cmd} --force killed at {when:?} left a mix of versions");
         }
+        eprintln!("{cmd}: {caught} of {} kills landed while the output was staged", KILLS.len());
         assert!(caught > 0, "{cmd}: no kill landed while the output was being written");
         ok(&run(&out, &["--force"]));
         assert!(snapshot(&out).unwrap() == new, "{cmd} --force after killed runs");
@@ -367,6 +369,7 @@ fn killed_training_leaves_whole_checkpoints_and_resumes() {
             assert!(state["step"].as_u64().is_some(), "{c:?}: trainer_state.json without a step");
         }
     }
+    eprintln!("train: {caught} of 4 kills landed while a checkpoint was staged");
     assert!(caught > 0, "no kill landed while a checkpoint was being written");
     let resume: &[&str] = if checkpoints(&run).is_empty() { &["--force"] } else { &["--resume"] };
     ok(&train(&model, &data, &run, resume));

@@ -8,7 +8,8 @@
 //! - Zero-copy until decode: safetensors and GGUF files are memory-mapped, headers validated on
 //!   open, and a tensor is decoded (to f32 or f64, from F32, F16, BF16 or F64) only when read.
 //! - Writes are atomic: a temporary file in the target folder, fsync, rename. A failure or a kill
-//!   never leaves a half-written file at the target path.
+//!   never leaves a half-written file at the target path. [`rename_into_place`] publishes a
+//!   finished file or folder in one step (replacing an old one only when asked).
 //! - Bad input never panics: truncated files, hostile headers, unknown dtypes, ranks that
 //!   disagree and unknown keys give an [`Error`] that names the file and the tensor.
 //! - What a format cannot hold (DoRA in GGUF or kohya, embeddings in GGUF) is refused with an
