@@ -74,4 +74,6 @@ pub use peft::{
 pub use st::{write_safetensors, PlannedTensor, SafetensorsFile, SafetensorsWriter};
 
 #[cfg(test)]
+mod golden_tests;
+#[cfg(test)]
 mod tests;
