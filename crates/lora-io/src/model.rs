@@ -215,7 +215,10 @@ pub fn write_model(
                 None if stored.is_none() || options.dtype.is_none() || options.dtype == stored => {
                     w.write_raw(name, file.raw(name).expect("listed"))?;
                 }
-                None => w.write(name, &file.tensor_f32(name)?)?,
+                None => {
+                    let from = stored.expect("this arm has a stored float dtype");
+                    w.write_converted(name, from, file.raw(name).expect("listed"))?;
+                }
             }
             total += match (stored, options.dtype) {
                 (Some(_), Some(d)) => file.shape(name).expect("listed").iter().product::<usize>() * d.size(),
