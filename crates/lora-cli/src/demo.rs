@@ -1,10 +1,11 @@
 //! `lora demo`: the toolkit's main job on a small seeded model, with no input files.
 //!
-//! It builds a Llama-shaped base model and a "fine-tuned" variant whose weight differences have
-//! the decaying spectrum real fine-tunes show, then runs the real commands on them: extract a
-//! rank-16 adapter, resize it to rank 8, merge it back into the base, convert it to kohya and
-//! GGUF and read those back. Each step is checked (the merge must reproduce the tuned weights to
-//! the extraction's error, the conversions must keep every delta) and timed.
+//! It builds a seeded Llama-shaped base model (lora-train's `TinyModelSpec`) and a "fine-tuned"
+//! variant whose weight differences have the decaying spectrum real fine-tunes show, then runs the
+//! real commands on them: extract a rank-16 adapter, resize it to rank 8, merge it back into the
+//! base, convert it to kohya and GGUF and read those back. Each step is checked (the merge must
+//! reproduce the tuned weights to the extraction's error, the conversions must keep every delta)
+//! and timed.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -12,11 +13,11 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use clap::Args;
 use lora_core::{deltas, DType, TensorSource};
+use lora_train::synthetic::{write_tiny_model, TinyModelSpec};
 use ndarray::{Array1, Array2, ArrayD, Axis};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
-use serde_json::json;
 
 use crate::common::{write_output, AdapterOutputArgs, FormatArg, OutputArgs, RankArgs};
 
@@ -43,63 +44,12 @@ pub struct DemoArgs {
     train_steps: usize,
 }
 
-const PROJECTIONS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
-
-/// The demo model's shapes.
-struct Shape {
-    hidden: usize,
-    intermediate: usize,
-    layers: usize,
-    vocab: usize,
-    heads: usize,
-}
-
-impl Shape {
-    fn new(hidden: usize, layers: usize) -> Self {
-        // Llama's MLP width: 8/3 of the hidden size, rounded up to a multiple of 16.
-        let intermediate = (8 * hidden / 3).div_ceil(16) * 16;
-        Shape { hidden, intermediate, layers, vocab: 1024, heads: (hidden / 64).max(1) }
-    }
-
-    fn projection(&self, name: &str) -> (usize, usize) {
-        let (h, i) = (self.hidden, self.intermediate);
-        match name {
-            "mlp.gate_proj" | "mlp.up_proj" => (i, h),
-            "mlp.down_proj" => (h, i),
-            _ => (h, h),
-        }
-    }
-
-    fn config(&self) -> serde_json::Value {
-        json!({
-            "_name_or_path": "lora-demo/tiny-llama",
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": self.hidden,
-            "intermediate_size": self.intermediate,
-            "num_hidden_layers": self.layers,
-            "num_attention_heads": self.heads,
-            "num_key_value_heads": self.heads,
-            "head_dim": self.hidden / self.heads,
-            "vocab_size": self.vocab,
-            "max_position_embeddings": 512,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 10000.0,
-            "hidden_act": "silu",
-            "tie_word_embeddings": false,
-            "attention_bias": false,
-            "mlp_bias": false,
-            "torch_dtype": "float32",
-        })
-    }
+/// The demo's base model: a seeded Llama of `hidden` and `layers`, Llama's MLP width (8/3 of the
+/// hidden size, rounded up to a multiple of 16), heads of 64 and a 1024-token vocabulary.
+fn model_spec(hidden: usize, layers: usize, seed: u64) -> TinyModelSpec {
+    let heads = (hidden / 64).max(1);
+    let intermediate = (8 * hidden / 3).div_ceil(16) * 16;
+    TinyModelSpec { hidden, intermediate, layers, heads, kv_heads: heads, vocab: 1024, seed }
 }
 
 fn gaussian(rows: usize, cols: usize, std: f64, rng: &mut ChaCha8Rng) -> Array2<f32> {
@@ -120,53 +70,26 @@ fn finetune_delta(d_out: usize, d_in: usize, rng: &mut ChaCha8Rng) -> Array2<f32
     delta
 }
 
-/// Base and tuned tensors of the demo model, in file order.
 /// Named tensors in file order.
 type Tensors = Vec<(String, ArrayD<f32>)>;
 
-fn build_models(shape: &Shape, seed: u64) -> (Tensors, Tensors) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let (mut base, mut tuned) = (Vec::new(), Vec::new());
-    let mut push = |name: String, w: Array2<f32>, delta: Option<Array2<f32>>| {
-        let t = match &delta {
-            Some(d) => &w + d,
-            None => w.clone(),
-        };
-        base.push((name.clone(), w.into_dyn()));
-        tuned.push((name, t.into_dyn()));
-    };
-    push("model.embed_tokens.weight".into(), gaussian(shape.vocab, shape.hidden, 0.02, &mut rng), None);
-    for layer in 0..shape.layers {
-        for proj in PROJECTIONS {
-            let (d_out, d_in) = shape.projection(proj);
-            let w = gaussian(d_out, d_in, 1.0 / (d_in as f64).sqrt(), &mut rng);
-            let delta = finetune_delta(d_out, d_in, &mut rng);
-            push(format!("model.layers.{layer}.{proj}.weight"), w, Some(delta));
-        }
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
-            let ones = Array2::ones((1, shape.hidden));
-            push(format!("model.layers.{layer}.{norm}.weight"), ones, None);
-        }
-    }
-    push("model.norm.weight".into(), Array2::ones((1, shape.hidden)), None);
-    push("lm_head.weight".into(), gaussian(shape.vocab, shape.hidden, 0.02, &mut rng), None);
-    // norms are vectors: drop the helper axis
-    let squeeze = |v: &mut Tensors| {
-        for (name, t) in v.iter_mut() {
-            if name.ends_with("norm.weight") {
-                *t = t.clone().into_shape_with_order(shape.hidden).expect("one row").into_dyn();
+/// The "fine-tuned" variant of `base`: every projection plus a [`finetune_delta`].
+fn tuned_tensors(base: &[(String, ArrayD<f32>)], seed: u64) -> Tensors {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7475_6e65);
+    base.iter()
+        .map(|(name, w)| match w.shape() {
+            &[d_out, d_in] if name.ends_with("_proj.weight") => {
+                (name.clone(), w + &finetune_delta(d_out, d_in, &mut rng).into_dyn())
             }
-        }
-    };
-    squeeze(&mut base);
-    squeeze(&mut tuned);
-    (base, tuned)
+            _ => (name.clone(), w.clone()),
+        })
+        .collect()
 }
 
-fn write_model_folder(dir: &Path, config: &serde_json::Value, tensors: &[(String, ArrayD<f32>)]) -> Result<()> {
+fn write_model_folder(dir: &Path, config: &str, tensors: &[(String, ArrayD<f32>)]) -> Result<()> {
     write_output(dir, true, |staged| {
         std::fs::create_dir_all(staged)?;
-        std::fs::write(staged.join("config.json"), serde_json::to_vec_pretty(config)?)?;
+        std::fs::write(staged.join("config.json"), config)?;
         let metadata = [("format".to_string(), "pt".to_string())].into();
         lora_io::write_safetensors(staged.join(lora_io::SINGLE_FILE), tensors, DType::F32, &metadata)?;
         Ok(())
@@ -214,7 +137,7 @@ fn max_delta_difference(a: &Path, b: &Path, base: &crate::source::Model) -> Resu
 /// and the held-out answer accuracy are measured before and after.
 fn train_step(out: &Path, args: &DemoArgs, quiet: bool) -> Result<Row> {
     use lora_train::data::TextTokenizer;
-    use lora_train::synthetic::{answer_accuracy, generate, to_jsonl, write_tiny_model, Task, TinyModelSpec};
+    use lora_train::synthetic::{answer_accuracy, generate, to_jsonl, Task};
 
     let t = Instant::now();
     let spec = TinyModelSpec {
@@ -305,21 +228,20 @@ struct Row {
 pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
     let out = args.out.clone().unwrap_or_else(|| std::env::temp_dir().join("lora-demo"));
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    let shape = Shape::new(args.hidden, args.layers);
+    let spec = model_spec(args.hidden, args.layers, args.seed);
     let mut rows: Vec<Row> = Vec::new();
     let path = |name: &str| out.join(name);
     let show = |p: &Path| p.strip_prefix(&out).unwrap_or(p).display().to_string();
 
     let t = Instant::now();
-    let (base_tensors, tuned_tensors) = build_models(&shape, args.seed);
-    let config = shape.config();
-    write_model_folder(&path("base"), &config, &base_tensors)?;
-    write_model_folder(&path("tuned"), &config, &tuned_tensors)?;
+    let base_tensors = spec.tensors();
+    write_output(&path("base"), true, |staged| Ok(write_tiny_model(staged, &spec)?))?;
+    write_model_folder(&path("tuned"), &spec.config_json(), &tuned_tensors(&base_tensors, args.seed))?;
     let params: usize = base_tensors.iter().map(|(_, t)| t.len()).sum();
     rows.push(Row {
         step: "build base + tuned".into(),
         seconds: t.elapsed().as_secs_f64(),
-        figure: format!("{params} parameters, {} layers, hidden {}", shape.layers, shape.hidden),
+        figure: format!("{params} parameters, {} layers, hidden {}", spec.layers, spec.hidden),
         output: "base/, tuned/".into(),
     });
 
@@ -435,8 +357,8 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
 
     println!(
         "lora demo: a {}-layer Llama-shaped model (hidden {}), files in {}",
-        shape.layers,
-        shape.hidden,
+        spec.layers,
+        spec.hidden,
         out.display()
     );
     println!();

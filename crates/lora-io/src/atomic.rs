@@ -5,42 +5,116 @@
 //! file is deleted on drop; after a kill a `.NAME.tmp*` file may remain beside it, never a
 //! half-written target).
 //!
+//! The bytes are written by a writer thread, so that encoding the next bytes overlaps writing the
+//! previous ones. They travel in buffers of [`BUFFER`] bytes, of which at most [`BUFFERS`] exist
+//! per file (one being filled, the others queued or being written, then recycled): the memory in
+//! flight is bounded, whatever the size of the file. A slice of a buffer or more is written by the
+//! caller itself once the queue is empty, so a raw copy from a memory map is not copied twice.
+//!
 //! Debug builds (never release builds) honour `LORA_IO_FAIL_AFTER_BYTES=N`: once N bytes have
 //! gone through the writers of this process, the next write fails as a full disk would. Tests use
 //! it where they cannot mount a small file system.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use tempfile::NamedTempFile;
 
 use crate::error::{Error, Result};
 
+/// Bytes per buffer handed to the writer thread.
+pub(crate) const BUFFER: usize = 4 << 20;
+/// Buffers per file at most (filled, queued, being written).
+const BUFFERS: usize = 4;
+
+/// The writer thread's side: queued buffers in, written buffers back.
+#[derive(Debug)]
+struct Writer {
+    full: Sender<Vec<u8>>,
+    free: Receiver<Vec<u8>>,
+    /// Buffers that exist (at most [`BUFFERS`]).
+    allocated: usize,
+    /// Buffers sent and not yet back.
+    in_flight: usize,
+    /// Written buffers back from the thread, ready to fill.
+    spare: Vec<Vec<u8>>,
+    thread: JoinHandle<std::io::Result<()>>,
+}
+
 /// A file being written; it appears at its path only when committed.
 #[derive(Debug)]
 pub(crate) struct AtomicFile {
     path: PathBuf,
-    out: BufWriter<NamedTempFile>,
+    buf: Vec<u8>,
+    file: Option<Arc<NamedTempFile>>,
+    writer: Option<Writer>,
+}
+
+/// A temporary file beside `path`, with the permissions a new file would get.
+fn temp_beside(path: &Path) -> Result<NamedTempFile> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let prefix = format!(".{name}.");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
+    // A temporary file is private (0600) by default; the finished file gets the usual
+    // permissions of a new file (0666 less the umask), as `File::create` would give it.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    builder.tempfile_in(&dir).map_err(|e| Error::io(path, e))
+}
+
+/// fsync a finished temporary file, rename it to `path` and make the rename durable.
+fn persist(tmp: NamedTempFile, path: &Path) -> Result<()> {
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    sync_parent(path);
+    Ok(())
+}
+
+fn finished(path: &Path) -> Error {
+    Error::io(path, std::io::Error::other("the file was already finished"))
 }
 
 impl AtomicFile {
     /// Start writing `path` (through a temporary file in the same folder).
     pub(crate) fn create(path: &Path) -> Result<Self> {
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let prefix = format!(".{name}.");
-        let mut builder = tempfile::Builder::new();
-        builder.prefix(&prefix).suffix(".tmp");
-        // A temporary file is private (0600) by default; the finished file gets the usual
-        // permissions of a new file (0666 less the umask), as `File::create` would give it.
-        #[cfg(unix)]
-        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
-        let tmp = builder.tempfile_in(&dir).map_err(|e| Error::io(path, e))?;
-        Ok(AtomicFile { path: path.to_path_buf(), out: BufWriter::with_capacity(1 << 20, tmp) })
+        let file = Arc::new(temp_beside(path)?);
+        let (full_tx, full_rx) = channel::<Vec<u8>>();
+        let (free_tx, free_rx) = channel::<Vec<u8>>();
+        let out = Arc::clone(&file);
+        let thread = std::thread::Builder::new()
+            .name("lora-io-writer".into())
+            .spawn(move || {
+                for mut b in full_rx {
+                    out.as_file().write_all(&b)?;
+                    b.clear();
+                    // The main side may be gone (dropped after an error); the buffer is freed then.
+                    let _ = free_tx.send(b);
+                }
+                Ok(())
+            })
+            .map_err(|e| Error::io(path, e))?;
+        Ok(AtomicFile {
+            path: path.to_path_buf(),
+            buf: Vec::with_capacity(BUFFER),
+            file: Some(file),
+            writer: Some(Writer {
+                full: full_tx,
+                free: free_rx,
+                allocated: 1,
+                in_flight: 0,
+                spare: Vec::new(),
+                thread,
+            }),
+        })
     }
 
     /// The target path.
@@ -48,38 +122,159 @@ impl AtomicFile {
         &self.path
     }
 
-    /// Append bytes.
-    pub(crate) fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+    /// Append bytes. A slice of a buffer or more (a tensor copied raw from a memory map) is
+    /// written straight from the caller's memory, after the queued buffers, without a copy.
+    pub(crate) fn write_all(&mut self, mut bytes: &[u8]) -> Result<()> {
         injected_fault(bytes.len()).map_err(|e| Error::io(&self.path, e))?;
-        self.out.write_all(bytes).map_err(|e| Error::io(&self.path, e))
+        if bytes.len() >= BUFFER {
+            if !self.buf.is_empty() {
+                self.send()?;
+            }
+            self.drain()?;
+            let file = self.file.as_ref().ok_or_else(|| finished(&self.path))?;
+            return file.as_file().write_all(bytes).map_err(|e| Error::io(&self.path, e));
+        }
+        while !bytes.is_empty() {
+            if self.buf.len() == BUFFER {
+                self.send()?;
+            }
+            let n = bytes.len().min(BUFFER - self.buf.len());
+            self.buf.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+        }
+        Ok(())
     }
 
-    /// Flush, fsync and rename into place.
-    pub(crate) fn commit(self) -> Result<()> {
-        let path = self.path;
-        let tmp = self.out.into_inner().map_err(|e| Error::io(&path, e.into_error()))?;
-        tmp.as_file().sync_all().map_err(|e| Error::io(&path, e))?;
-        tmp.persist(&path).map_err(|e| Error::io(&path, e.error))?;
-        sync_parent(&path);
+    /// Append `len` bytes produced in place by `fill(out, offset)`: `out` is the next piece of the
+    /// output (a whole number of `width`-byte elements) and `offset` its byte offset within the
+    /// `len` bytes; an error from `fill` stops the file. Nothing is copied: `fill` writes straight into the buffer the writer thread
+    /// writes out.
+    pub(crate) fn fill(
+        &mut self,
+        len: usize,
+        width: usize,
+        mut fill: impl FnMut(&mut [u8], usize) -> Result<()>,
+    ) -> Result<()> {
+        debug_assert!(width > 0 && len % width == 0 && width <= BUFFER);
+        injected_fault(len).map_err(|e| Error::io(&self.path, e))?;
+        let mut done = 0;
+        while done < len {
+            let room = (BUFFER - self.buf.len()) / width * width;
+            if room == 0 {
+                self.send()?;
+                continue;
+            }
+            let n = room.min(len - done);
+            let start = self.buf.len();
+            self.buf.resize(start + n, 0);
+            fill(&mut self.buf[start..], done)?;
+            done += n;
+        }
         Ok(())
+    }
+
+    /// Hand the current buffer to the writer thread and take an empty one: a written one, a new
+    /// one while fewer than [`BUFFERS`] exist, else wait for the writer to finish one.
+    fn send(&mut self) -> Result<()> {
+        let w = self.writer.as_mut().ok_or_else(|| finished(&self.path))?;
+        while let Ok(b) = w.free.try_recv() {
+            w.in_flight -= 1;
+            w.spare.push(b);
+        }
+        let next = match w.spare.pop() {
+            Some(b) => b,
+            None if w.allocated < BUFFERS => {
+                w.allocated += 1;
+                Vec::with_capacity(BUFFER)
+            }
+            None => match w.free.recv() {
+                Ok(b) => {
+                    w.in_flight -= 1;
+                    b
+                }
+                Err(_) => return Err(self.writer_error()),
+            },
+        };
+        let full = std::mem::replace(&mut self.buf, next);
+        let w = self.writer.as_mut().ok_or_else(|| finished(&self.path))?;
+        if w.full.send(full).is_err() {
+            return Err(self.writer_error());
+        }
+        w.in_flight += 1;
+        Ok(())
+    }
+
+    /// Wait until every queued buffer is written.
+    fn drain(&mut self) -> Result<()> {
+        let w = self.writer.as_mut().ok_or_else(|| finished(&self.path))?;
+        while w.in_flight > 0 {
+            match w.free.recv() {
+                Ok(b) => {
+                    w.in_flight -= 1;
+                    w.spare.push(b);
+                }
+                Err(_) => return Err(self.writer_error()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The error that stopped the writer thread (it stops only on one, or when told to).
+    fn writer_error(&mut self) -> Error {
+        let Some(w) = self.writer.take() else { return finished(&self.path) };
+        drop(w.full);
+        match w.thread.join() {
+            Ok(Err(e)) => Error::io(&self.path, e),
+            Ok(Ok(())) => Error::io(&self.path, std::io::Error::other("the writer thread stopped early")),
+            Err(_) => Error::io(&self.path, std::io::Error::other("the writer thread panicked")),
+        }
+    }
+
+    /// Write what is left, fsync and rename into place.
+    pub(crate) fn commit(mut self) -> Result<()> {
+        if !self.buf.is_empty() {
+            self.send()?;
+        }
+        let w = self.writer.take().ok_or_else(|| finished(&self.path))?;
+        drop(w.full);
+        match w.thread.join() {
+            Ok(r) => r.map_err(|e| Error::io(&self.path, e))?,
+            Err(_) => return Err(Error::io(&self.path, std::io::Error::other("the writer thread panicked"))),
+        }
+        let file = self.file.take().ok_or_else(|| finished(&self.path))?;
+        let tmp = Arc::into_inner(file)
+            .ok_or_else(|| Error::io(&self.path, std::io::Error::other("the writer thread still holds the file")))?;
+        persist(tmp, &self.path)
+    }
+}
+
+impl Drop for AtomicFile {
+    /// An unfinished file: stop the writer and wait for it, so that the temporary file is gone
+    /// when this returns.
+    fn drop(&mut self) {
+        if let Some(w) = self.writer.take() {
+            drop(w.full);
+            let _ = w.thread.join();
+        }
     }
 }
 
 /// Write a whole file atomically.
 pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = AtomicFile::create(path)?;
-    f.write_all(bytes)?;
-    f.commit()
+    let mut tmp = temp_beside(path)?;
+    injected_fault(bytes.len()).map_err(|e| Error::io(path, e))?;
+    tmp.as_file_mut().write_all(bytes).map_err(|e| Error::io(path, e))?;
+    persist(tmp, path)
 }
 
-/// Copy a file atomically.
+/// Copy a file atomically (in the kernel where the platform can).
 pub(crate) fn copy_file(from: &Path, to: &Path) -> Result<()> {
     let mut src = File::open(from).map_err(|e| Error::io(from, e))?;
-    let mut f = AtomicFile::create(to)?;
+    let mut tmp = temp_beside(to)?;
     let len = src.metadata().map_err(|e| Error::io(from, e))?.len();
     injected_fault(usize::try_from(len).unwrap_or(usize::MAX)).map_err(|e| Error::io(to, e))?;
-    std::io::copy(&mut src, &mut f.out).map_err(|e| Error::io(to, e))?;
-    f.commit()
+    std::io::copy(&mut src, tmp.as_file_mut()).map_err(|e| Error::io(to, e))?;
+    persist(tmp, to)
 }
 
 /// Make a rename in `path`'s folder durable; not every platform can open a folder, which is fine.

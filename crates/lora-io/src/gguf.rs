@@ -709,15 +709,18 @@ pub fn write_gguf<T: Scalar>(adapter: &Adapter<T>, path: impl AsRef<Path>, optio
     pad(&mut header);
     let mut f = AtomicFile::create(path)?;
     f.write_all(&header)?;
-    let mut buf = Vec::new();
+    let (st_type, width) = (crate::st::st_dtype(dtype), elem as usize);
     for t in &out {
         let data = t.data.as_standard_layout();
         let values = data.as_slice().expect("standard layout is contiguous");
-        let stored = crate::st::st_dtype(dtype);
-        crate::st::encode(stored, values, &mut buf)
-            .map_err(|e| crate::st::encode_error(e, Location::tensor(path, &t.name), 0, t.data.shape(), stored))?;
-        pad(&mut buf);
-        f.write_all(&buf)?;
+        f.fill(values.len() * width, width, |o, offset| {
+            let start = offset / width;
+            crate::st::encode_into(st_type, &values[start..start + o.len() / width], o).map_err(|e| {
+                crate::st::encode_error(e, Location::tensor(path, &t.name), start, t.data.shape(), st_type)
+            })
+        })?;
+        let padding = (values.len() * width).next_multiple_of(ALIGNMENT as usize) - values.len() * width;
+        f.write_all(&[0u8; ALIGNMENT as usize][..padding])?;
     }
     f.commit()
 }

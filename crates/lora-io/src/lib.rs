@@ -78,4 +78,6 @@ pub use st::{write_safetensors, PlannedTensor, SafetensorsFile, SafetensorsWrite
 #[cfg(test)]
 mod bounds_tests;
 #[cfg(test)]
+mod golden_tests;
+#[cfg(test)]
 mod tests;

@@ -227,7 +227,11 @@ pub fn write_model(
                     w.write_raw(name, file.raw(name).expect("listed"))?;
                     file.release(name);
                 }
-                None => w.write(name, &file.tensor_f32(name)?)?,
+                None => {
+                    let from = stored.expect("this arm has a stored float dtype");
+                    w.write_converted(name, from, file.raw(name).expect("listed"))?;
+                    file.release(name);
+                }
             }
             total += match (stored, options.dtype) {
                 (Some(_), Some(d)) => file.shape(name).expect("listed").iter().product::<usize>() * d.size(),

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use indexmap::IndexMap;
 use lora_core::{Adapter, AdapterConfig, AdapterModule, DType, DoraLayer, LoraLayer, Scalar, Scaling, TargetModules};
 use ndarray::{Array1, Array2, Ix1, Ix2};
+use rayon::prelude::*;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -425,87 +426,100 @@ pub fn read_peft<T: Scalar>(path: impl AsRef<Path>) -> Result<Adapter<T>> {
     };
     let mut adapter = Adapter::<T>::new(config);
 
-    for (module, p) in &modules {
-        let (a_key, b_key, embedding) = match (&p.a, &p.b, &p.ea, &p.eb) {
-            (Some(a), Some(b), None, None) => (a, b, false),
-            (None, None, Some(a), Some(b)) => (a, b, true),
-            (Some(a), None, _, _) => return Err(missing(&weights_path, a, "lora_B.weight")),
-            (None, Some(b), _, _) => return Err(missing(&weights_path, b, "lora_A.weight")),
-            (None, None, Some(a), None) => return Err(missing(&weights_path, a, "lora_embedding_B")),
-            (None, None, None, Some(b)) => return Err(missing(&weights_path, b, "lora_embedding_A")),
-            (None, None, None, None) => {
-                let m = p.m.as_deref().unwrap_or(module);
-                return Err(missing(&weights_path, m, "lora_A.weight and lora_B.weight"));
-            }
-            (Some(a), Some(_), _, _) => {
-                return Err(Error::config(
-                    Location::tensor(&weights_path, a),
-                    "module has both linear (lora_A/B) and embedding (lora_embedding_A/B) factors",
-                ))
-            }
-        };
-        let a: Array2<T> = read_2d(&file, a_key)?;
-        let b: Array2<T> = read_2d(&file, b_key)?;
-        let rank = a.nrows();
-        if b.ncols() != rank {
-            return Err(Error::RankMismatch {
-                at: Location::tensor(&weights_path, b_key),
-                got: b.ncols(),
-                expected: rank,
-                what: a_key.clone(),
-            });
-        }
-        let expected = pc.rank_for(module).map_err(resolve_err)?;
-        if expected != rank {
-            let what = if pc.rank_pattern.is_empty() {
-                "adapter_config.json r"
-            } else {
-                "adapter_config.json r / rank_pattern"
+    // Modules are decoded and validated in parallel (rayon's pool), then inserted in file order;
+    // the first error in that order is the one reported.
+    let list: Vec<(&String, &Parts)> = modules.iter().collect();
+    let built: Vec<Result<(String, AdapterModule<T>, Location)>> = list
+        .par_iter()
+        .map(|&(module, p)| -> Result<(String, AdapterModule<T>, Location)> {
+            let (a_key, b_key, embedding) = match (&p.a, &p.b, &p.ea, &p.eb) {
+                (Some(a), Some(b), None, None) => (a, b, false),
+                (None, None, Some(a), Some(b)) => (a, b, true),
+                (Some(a), None, _, _) => return Err(missing(&weights_path, a, "lora_B.weight")),
+                (None, Some(b), _, _) => return Err(missing(&weights_path, b, "lora_A.weight")),
+                (None, None, Some(a), None) => return Err(missing(&weights_path, a, "lora_embedding_B")),
+                (None, None, None, Some(b)) => return Err(missing(&weights_path, b, "lora_embedding_A")),
+                (None, None, None, None) => {
+                    let m = p.m.as_deref().unwrap_or(module);
+                    return Err(missing(&weights_path, m, "lora_A.weight and lora_B.weight"));
+                }
+                (Some(a), Some(_), _, _) => {
+                    return Err(Error::config(
+                        Location::tensor(&weights_path, a),
+                        "module has both linear (lora_A/B) and embedding (lora_embedding_A/B) factors",
+                    ))
+                }
             };
-            return Err(Error::RankMismatch {
-                at: Location::tensor(&weights_path, a_key),
-                got: rank,
-                expected,
-                what: what.into(),
-            });
-        }
-        let alpha = pc.alpha_for(module).map_err(resolve_err)?;
-        let layer = LoraLayer::new(a, b, alpha, scaling).map_err(|e| {
-            // name the factor at fault
-            let key =
-                if matches!(&e, lora_core::Error::NonFinite { what, .. } if what == "lora_B") { b_key } else { a_key };
-            Error::core(Location::tensor(&weights_path, key), e)
-        })?;
-        let at_a = Location::tensor(&weights_path, a_key);
-        let module_value = match (embedding, &p.m, pc.use_dora) {
-            (true, None, _) => AdapterModule::embedding(layer),
-            (false, None, false) => AdapterModule::linear(layer),
-            (false, Some(m_key), true) => {
-                let m: Array1<T> = file
-                    .tensor::<T>(m_key)?
-                    .into_dimensionality::<Ix1>()
-                    .map_err(|_| shape_err(&weights_path, m_key, "[d_out]", file.shape(m_key)))?;
-                let dora =
-                    DoraLayer::new(layer, m).map_err(|e| Error::core(Location::tensor(&weights_path, m_key), e))?;
-                AdapterModule::dora(dora)
+            let a: Array2<T> = read_2d(&file, a_key)?;
+            let b: Array2<T> = read_2d(&file, b_key)?;
+            let rank = a.nrows();
+            if b.ncols() != rank {
+                return Err(Error::RankMismatch {
+                    at: Location::tensor(&weights_path, b_key),
+                    got: b.ncols(),
+                    expected: rank,
+                    what: a_key.clone(),
+                });
             }
-            (false, None, true) => {
-                return Err(missing(&weights_path, a_key, "lora_magnitude_vector (use_dora is set)"))
+            let expected = pc.rank_for(module).map_err(resolve_err)?;
+            if expected != rank {
+                let what = if pc.rank_pattern.is_empty() {
+                    "adapter_config.json r"
+                } else {
+                    "adapter_config.json r / rank_pattern"
+                };
+                return Err(Error::RankMismatch {
+                    at: Location::tensor(&weights_path, a_key),
+                    got: rank,
+                    expected,
+                    what: what.into(),
+                });
             }
-            (_, Some(m_key), false) => {
-                return Err(Error::config(
-                    Location::tensor(&weights_path, m_key),
-                    "a DoRA magnitude vector is present but adapter_config.json has use_dora = false",
-                ))
-            }
-            (true, Some(m_key), true) => {
-                return Err(Error::unsupported(
-                    Location::tensor(&weights_path, m_key),
-                    "DoRA on an embedding is not supported",
-                ))
-            }
-        };
-        adapter.insert(module.clone(), module_value).map_err(|e| Error::core(at_a, e))?;
+            let alpha = pc.alpha_for(module).map_err(resolve_err)?;
+            let layer = LoraLayer::new(a, b, alpha, scaling).map_err(|e| {
+                // name the factor at fault
+                let key = if matches!(&e, lora_core::Error::NonFinite { what, .. } if what == "lora_B") {
+                    b_key
+                } else {
+                    a_key
+                };
+                Error::core(Location::tensor(&weights_path, key), e)
+            })?;
+            let at_a = Location::tensor(&weights_path, a_key);
+            let module_value = match (embedding, &p.m, pc.use_dora) {
+                (true, None, _) => AdapterModule::embedding(layer),
+                (false, None, false) => AdapterModule::linear(layer),
+                (false, Some(m_key), true) => {
+                    let m: Array1<T> = file
+                        .tensor::<T>(m_key)?
+                        .into_dimensionality::<Ix1>()
+                        .map_err(|_| shape_err(&weights_path, m_key, "[d_out]", file.shape(m_key)))?;
+                    let dora =
+                        DoraLayer::new(layer, m).map_err(|e| Error::core(Location::tensor(&weights_path, m_key), e))?;
+                    AdapterModule::dora(dora)
+                }
+                (false, None, true) => {
+                    return Err(missing(&weights_path, a_key, "lora_magnitude_vector (use_dora is set)"))
+                }
+                (_, Some(m_key), false) => {
+                    return Err(Error::config(
+                        Location::tensor(&weights_path, m_key),
+                        "a DoRA magnitude vector is present but adapter_config.json has use_dora = false",
+                    ))
+                }
+                (true, Some(m_key), true) => {
+                    return Err(Error::unsupported(
+                        Location::tensor(&weights_path, m_key),
+                        "DoRA on an embedding is not supported",
+                    ))
+                }
+            };
+            Ok((module.clone(), module_value, at_a))
+        })
+        .collect();
+    for r in built {
+        let (module, module_value, at_a) = r?;
+        adapter.insert(module, module_value).map_err(|e| Error::core(at_a, e))?;
     }
     for (key, name) in saved {
         let t = file.tensor::<T>(&key)?;

@@ -6,7 +6,10 @@
 //! safetensors file is not aligned, so decoding goes through `from_le_bytes`.
 //!
 //! Writing streams tensors one at a time into a temporary file beside the target, then fsyncs and
-//! renames it; the header is computed up front from the planned shapes and dtypes.
+//! renames it; the header is computed up front from the planned shapes and dtypes. Large tensors
+//! are decoded and encoded in parallel pieces (rayon's pool) straight into the buffers of a writer
+//! thread, which writes them while the next ones are encoded; every element is converted by the
+//! same function whatever the threads, so the bytes are those of a sequential writer.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -17,6 +20,7 @@ use indexmap::IndexMap;
 use lora_core::{DType, Scalar, TensorInfo, TensorSource};
 use memmap2::Mmap;
 use ndarray::{ArrayD, ArrayRef, Dimension, IxDyn};
+use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
 use crate::atomic::AtomicFile;
@@ -262,20 +266,67 @@ fn dtype_name(d: Dtype) -> String {
     serde_json::to_value(d).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_else(|| format!("{d:?}"))
 }
 
+/// Elements per piece of parallel decoding and encoding.
+const PIECE: usize = 1 << 15;
+/// Tensors of fewer elements are decoded and encoded on the calling thread.
+const PARALLEL_MIN: usize = 1 << 17;
+
+/// Bytes per element of the float dtypes this crate decodes and encodes.
+fn float_width(d: Dtype) -> Option<usize> {
+    match d {
+        Dtype::F32 => Some(4),
+        Dtype::F64 => Some(8),
+        Dtype::F16 | Dtype::BF16 => Some(2),
+        _ => None,
+    }
+}
+
+/// Decode little-endian `d` values into `out` (`out.len()` elements of `b`).
+fn decode_f32_into(d: Dtype, b: &[u8], out: &mut [f32]) {
+    match d {
+        Dtype::F32 => {
+            b.chunks_exact(4).zip(out).for_each(|(c, o)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        }
+        Dtype::F16 => b.chunks_exact(2).zip(out).for_each(|(c, o)| *o = f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        Dtype::BF16 => b.chunks_exact(2).zip(out).for_each(|(c, o)| *o = bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        _ => {
+            b.chunks_exact(8).zip(out).for_each(|(c, o)| *o = f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+        }
+    }
+}
+
+/// Decode a tensor's bytes to f32; pieces of a large tensor are decoded in parallel (rayon's
+/// pool), each element by the same conversion, so the result does not depend on the threads.
 fn decode_f32(d: Dtype, b: &[u8]) -> std::result::Result<Vec<f32>, ()> {
-    Ok(match d {
-        Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::F64 => b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
-        _ => return Err(()),
-    })
+    let width = float_width(d).ok_or(())?;
+    let n = b.len() / width;
+    let mut out = vec![0f32; n];
+    if n >= PARALLEL_MIN {
+        out.par_chunks_mut(PIECE).zip(b.par_chunks(PIECE * width)).for_each(|(o, c)| decode_f32_into(d, c, o));
+    } else {
+        decode_f32_into(d, b, &mut out);
+    }
+    Ok(out)
 }
 
 fn decode_f64(d: Dtype, b: &[u8]) -> std::result::Result<Vec<f64>, ()> {
+    let widen = |v: Vec<f32>| -> Vec<f64> {
+        if v.len() >= PARALLEL_MIN {
+            v.par_iter().map(|&x| f64::from(x)).collect()
+        } else {
+            v.into_iter().map(f64::from).collect()
+        }
+    };
     match d {
-        Dtype::F64 => Ok(b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()),
-        _ => Ok(decode_f32(d, b)?.into_iter().map(f64::from).collect()),
+        Dtype::F64 => {
+            let one = |c: &[u8]| f64::from_le_bytes(c.try_into().expect("8 bytes"));
+            if b.len() / 8 >= PARALLEL_MIN {
+                Ok(b.par_chunks_exact(8).map(one).collect())
+            } else {
+                Ok(b.chunks_exact(8).map(one).collect())
+            }
+        }
+        _ => Ok(widen(decode_f32(d, b)?)),
     }
 }
 
@@ -469,7 +520,8 @@ impl SafetensorsWriter {
         Ok(SafetensorsWriter { file, plan, next: 0 })
     }
 
-    /// Write the next tensor from float values, converted to its planned dtype.
+    /// Write the next tensor from float values, converted to its planned dtype. Large tensors
+    /// are encoded in parallel straight into the buffers a writer thread writes out.
     pub fn write<T: Scalar, D: Dimension>(&mut self, name: &str, tensor: &ArrayRef<T, D>) -> Result<()> {
         let planned = self.expect(name)?;
         if tensor.shape() != planned.shape.as_slice() {
@@ -480,27 +532,66 @@ impl SafetensorsWriter {
             });
         }
         let dtype = planned.dtype;
-        let mut buf = Vec::with_capacity(CHUNK * 8);
+        let width = float_width(dtype).ok_or_else(|| Error::UnsupportedDType {
+            at: Location::tensor(self.file.path(), name),
+            dtype: dtype_name(dtype),
+        })?;
         let path = self.file.path().to_path_buf();
         let shape = planned.shape.clone();
-        let mut done = 0usize;
-        let fail = |e: Encode, done: usize| encode_error(e, Location::tensor(&path, name), done, &shape, dtype);
+        let fail = |e: Encode, first: usize| encode_error(e, Location::tensor(&path, name), first, &shape, dtype);
         if let Some(slice) = tensor.as_slice() {
             // Contiguous row-major data: plain slices, no n-dimensional iterator.
-            for chunk in slice.chunks(CHUNK) {
-                encode(dtype, chunk, &mut buf).map_err(|e| fail(e, done))?;
-                self.file.write_all(&buf)?;
-                done += chunk.len();
-            }
+            self.file.fill(slice.len() * width, width, |out, offset| {
+                let start = offset / width;
+                encode_into(dtype, &slice[start..start + out.len() / width], out).map_err(|e| fail(e, start))
+            })?;
         } else {
+            let mut buf = vec![0u8; CHUNK * width];
+            let mut done = 0usize;
             let mut it = tensor.iter().peekable();
             while it.peek().is_some() {
                 let chunk: Vec<T> = it.by_ref().take(CHUNK).copied().collect();
-                encode(dtype, &chunk, &mut buf).map_err(|e| fail(e, done))?;
-                self.file.write_all(&buf)?;
+                let out = &mut buf[..chunk.len() * width];
+                encode_into(dtype, &chunk, out).map_err(|e| fail(e, done))?;
+                self.file.write_all(out)?;
                 done += chunk.len();
             }
         }
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Write the next tensor from the raw little-endian bytes of a float tensor stored as `from`
+    /// (F32, F16, BF16 or F64), converted to its planned dtype without forming the whole tensor:
+    /// each element goes through f32, as decoding to f32 and encoding would take it.
+    pub fn write_converted(&mut self, name: &str, from: DType, bytes: &[u8]) -> Result<()> {
+        let planned = self.expect(name)?;
+        let (from, to) = (st_dtype(from), planned.dtype);
+        let (Some(in_w), Some(out_w)) = (float_width(from), float_width(to)) else {
+            return Err(Error::UnsupportedDType {
+                at: Location::tensor(self.file.path(), name),
+                dtype: dtype_name(to),
+            });
+        };
+        let n = planned.shape.iter().product::<usize>();
+        if bytes.len() != n * in_w {
+            return Err(Error::header(
+                Location::tensor(self.file.path(), name),
+                format!(
+                    "{} bytes given, shape {:?} in {} needs {}",
+                    bytes.len(),
+                    planned.shape,
+                    dtype_name(from),
+                    n * in_w
+                ),
+            ));
+        }
+        let (path, shape) = (self.file.path().to_path_buf(), planned.shape.clone());
+        self.file.fill(n * out_w, out_w, |out, offset| {
+            let start = offset / out_w * in_w;
+            convert_into(from, &bytes[start..start + out.len() / out_w * in_w], to, out)
+                .map_err(|e| encode_error(e, Location::tensor(&path, name), offset / out_w, &shape, to))
+        })?;
         self.next += 1;
         Ok(())
     }
@@ -542,30 +633,65 @@ impl SafetensorsWriter {
     }
 }
 
-/// Elements encoded per write.
+/// Elements per chunk of a tensor that is not contiguous.
 const CHUNK: usize = 1 << 16;
 
-/// Why [`encode`] could not encode a chunk.
+/// Why [`encode_into`] could not encode.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Encode {
     /// The dtype is not a float dtype.
     Unsupported,
     /// A finite value would become an infinity in the stored dtype.
     Overflow {
-        /// Its position in the chunk.
+        /// Its position among the values given.
         position: usize,
         /// The value.
         value: f64,
     },
 }
 
-/// Encode values as little-endian `dtype`, rounding to nearest even. The dtype is matched once
-/// per chunk, not per element, and the output is filled in place (which the compiler
-/// vectorises); f32 inputs go to f16 / bf16 through the f32 conversions (exact widening, so the
-/// same result as from f64). A finite value that rounds to an infinity in `dtype` (|x| >= 65520
-/// in f16, beyond bf16's or f32's range) is an error, never a silent Inf; NaN and infinities
-/// already in the input are stored as they are.
+impl Encode {
+    /// The same error for values that start `first` elements further on.
+    fn shifted(self, first: usize) -> Self {
+        match self {
+            Encode::Overflow { position, value } => Encode::Overflow { position: position + first, value },
+            other => other,
+        }
+    }
+}
+
+/// Encode values as little-endian `dtype` into `out` (`values.len()` x the dtype's width bytes),
+/// rounding to nearest even. The dtype is matched once per piece, not per element, and the
+/// output is filled in place (which the compiler vectorises); f32 inputs go to f16 / bf16
+/// through the f32 conversions (exact widening, so the same result as from f64). Pieces of a
+/// large slice are encoded in parallel; every element is converted alone, so the bytes do not
+/// depend on the threads. A finite value that rounds to an infinity in `dtype` (|x| >= 65520 in
+/// f16, beyond bf16's or f32's range) is an error (the first such value, whatever the threads),
+/// never a silent Inf; NaN and infinities already in the input are stored as they are.
+pub(crate) fn encode_into<T: Scalar>(dtype: Dtype, values: &[T], out: &mut [u8]) -> std::result::Result<(), Encode> {
+    let width = float_width(dtype).ok_or(Encode::Unsupported)?;
+    debug_assert_eq!(out.len(), values.len() * width);
+    if values.len() >= PARALLEL_MIN {
+        let failed = out
+            .par_chunks_mut(PIECE * width)
+            .zip(values.par_chunks(PIECE))
+            .enumerate()
+            .map(|(i, (o, v))| encode_piece(dtype, v, o).map_err(|e| e.shifted(i * PIECE)))
+            .find_first(|r| r.is_err());
+        failed.unwrap_or(Ok(()))
+    } else {
+        encode_piece(dtype, values, out)
+    }
+}
+
+/// [`encode_into`] a growing buffer.
+#[cfg(test)]
 pub(crate) fn encode<T: Scalar>(dtype: Dtype, values: &[T], out: &mut Vec<u8>) -> std::result::Result<(), Encode> {
+    out.resize(values.len() * float_width(dtype).ok_or(Encode::Unsupported)?, 0);
+    encode_into(dtype, values, out)
+}
+
+fn encode_piece<T: Scalar>(dtype: Dtype, values: &[T], out: &mut [u8]) -> std::result::Result<(), Encode> {
     let is_f32 = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>();
     let (width, largest) = match dtype {
         Dtype::F32 => (4, if is_f32 { f64::INFINITY } else { f64::from(f32::MAX) }),
@@ -574,7 +700,6 @@ pub(crate) fn encode<T: Scalar>(dtype: Dtype, values: &[T], out: &mut Vec<u8>) -
         Dtype::BF16 => (2, f64::from(bf16::MAX)),
         _ => return Err(Encode::Unsupported),
     };
-    out.resize(values.len() * width, 0);
     let chunks = out.chunks_exact_mut(width).zip(values.iter());
     match dtype {
         Dtype::F32 => chunks.for_each(|(o, v)| o.copy_from_slice(&(v.as_f64() as f32).to_le_bytes())),
@@ -613,6 +738,33 @@ pub(crate) fn encode<T: Scalar>(dtype: Dtype, values: &[T], out: &mut Vec<u8>) -
         }
     }
     Ok(())
+}
+
+/// Convert little-endian `from` bytes to little-endian `to` bytes through f32, a block at a
+/// time on the stack; large inputs in parallel. Overflow in `to` is an error, as in
+/// [`encode_into`] (its position counts elements of the input).
+fn convert_into(from: Dtype, bytes: &[u8], to: Dtype, out: &mut [u8]) -> std::result::Result<(), Encode> {
+    let (in_w, out_w) = (float_width(from).unwrap_or(4), float_width(to).ok_or(Encode::Unsupported)?);
+    let piece = |b: &[u8], o: &mut [u8]| -> std::result::Result<(), Encode> {
+        let mut block = [0f32; 1024];
+        for (k, (bi, oi)) in b.chunks(1024 * in_w).zip(o.chunks_mut(1024 * out_w)).enumerate() {
+            let vals = &mut block[..bi.len() / in_w];
+            decode_f32_into(from, bi, vals);
+            encode_piece(to, vals, oi).map_err(|e| e.shifted(k * 1024))?;
+        }
+        Ok(())
+    };
+    if bytes.len() / in_w >= PARALLEL_MIN {
+        let failed = bytes
+            .par_chunks(PIECE * in_w)
+            .zip(out.par_chunks_mut(PIECE * out_w))
+            .enumerate()
+            .map(|(i, (b, o))| piece(b, o).map_err(|e| e.shifted(i * PIECE)))
+            .find_first(|r| r.is_err());
+        failed.unwrap_or(Ok(()))
+    } else {
+        piece(bytes, out)
+    }
 }
 
 /// The error for a failed [`encode`] of the chunk starting at flat position `first` of a tensor

@@ -121,6 +121,8 @@ pub use trainer::{
 };
 
 #[cfg(test)]
+mod data_tests;
+#[cfg(test)]
 mod optim_tests;
 #[cfg(test)]
 mod tests;

@@ -17,8 +17,8 @@ use indexmap::IndexMap;
 use lora_core::DType;
 use lora_core::{Adapter, Init, Scaling, TargetModules};
 use lora_io::{
-    read_peft, rename_into_place, write_peft, write_safetensors, Existing, ModelFolder, PeftWriteOptions,
-    SafetensorsFile,
+    peft_config_for, read_peft, rename_into_place, write_peft, write_safetensors, Existing, ModelFolder,
+    PeftWriteOptions, SafetensorsFile, META_PEFT_CONFIG,
 };
 use ndarray::{ArrayD, Ix2};
 use serde::{Deserialize, Serialize};
@@ -345,17 +345,18 @@ impl Trainer {
     /// `config.resume` names a checkpoint folder, its adapter, moments and position.
     pub fn new(model: Model<f32>, data: Dataset, config: TrainConfig) -> Result<Self> {
         config.validate()?;
-        if data.seq_len != config.seq_len {
+        if data.seq_len() != config.seq_len {
             return Err(Error::Input(format!(
                 "the data is packed in blocks of {} but seq_len is {}",
-                data.seq_len, config.seq_len
+                data.seq_len(),
+                config.seq_len
             )));
         }
         let mut model = model.with_parallelism(config.parallelism())?;
         model.add_lora(&config.lora_config())?;
-        let total_steps = config.total_steps(data.train.len());
+        let total_steps = config.total_steps(data.n_train());
         let opt = AdamW::new(config.adamw())?;
-        let order = epoch_order(data.train.len(), config.seed, 0);
+        let order = epoch_order(data.n_train(), config.seed, 0);
         let mut t = Trainer {
             model,
             data,
@@ -412,12 +413,18 @@ impl Trainer {
         self.total_steps
     }
 
-    /// The current LoRA branches as a lora-core adapter (PEFT module paths).
+    /// The current LoRA branches as a lora-core adapter (PEFT module paths), with the base
+    /// model's name and the training dropout recorded for `adapter_config.json` (PEFT reads
+    /// `lora_dropout` from it when training goes on).
     pub fn adapter(&self) -> Result<Adapter<f32>> {
         let adapter = self.model.adapter()?;
-        let Some(base) = &self.base_model else { return Ok(adapter) };
         let mut config = adapter.config().clone();
-        config.base_model = Some(base.clone());
+        if let Some(base) = &self.base_model {
+            config.base_model = Some(base.clone());
+        }
+        let mut peft = peft_config_for(&adapter);
+        peft.lora_dropout = self.config.dropout;
+        config.metadata.insert(META_PEFT_CONFIG.into(), peft.to_json());
         let mut out = Adapter::new(config);
         for (name, module) in adapter.modules() {
             out.insert(name.clone(), module.clone())?;
@@ -436,7 +443,7 @@ impl Trainer {
                 if self.position == self.order.len() {
                     self.epoch += 1;
                     self.position = 0;
-                    self.order = epoch_order(self.data.train.len(), self.config.seed, self.epoch);
+                    self.order = epoch_order(self.data.n_train(), self.config.seed, self.epoch);
                 }
                 self.position += 1;
                 self.order[self.position - 1]
@@ -454,8 +461,8 @@ impl Trainer {
         let mut micro = Vec::with_capacity(accum);
         for _ in 0..accum {
             let idx = self.next_blocks(batch);
-            let blocks: Vec<&Block> = idx.iter().map(|&i| &self.data.train[i]).collect();
-            micro.push(batch_of(&blocks)?);
+            let blocks = idx.iter().map(|&i| self.data.train_block(i)).collect::<Result<Vec<Block>>>()?;
+            micro.push(batch_of(&blocks.iter().collect::<Vec<_>>())?);
         }
         let total: usize = micro.iter().map(|b| b.predictions()).sum();
         let mut loss = Loss { sum: 0.0, count: 0 };
@@ -508,7 +515,7 @@ impl Trainer {
         self.last_loss = Some(mean);
         let tokens = batch * accum * self.config.seq_len;
         let secs = start.elapsed().as_secs_f64();
-        let n_train = self.data.train.len().max(1);
+        let n_train = self.data.n_train().max(1);
         Ok(StepReport {
             step: self.step,
             total_steps: self.total_steps,
@@ -526,10 +533,16 @@ impl Trainer {
     /// Loss and perplexity on the validation blocks (`None` without a validation split), with
     /// eval's convention: the mean over every counted prediction.
     pub fn evaluate(&self) -> Result<Option<EvalReport>> {
-        if self.data.val.is_empty() {
+        let (data, batch) = (&self.data, self.config.batch.max(1));
+        if data.n_val() == 0 {
             return Ok(None);
         }
-        evaluate_blocks(&self.model, &self.data.val, self.config.batch).map(Some)
+        let batches = (0..data.n_val()).step_by(batch).map(|start| {
+            let blocks =
+                (start..(start + batch).min(data.n_val())).map(|i| data.val_block(i)).collect::<Result<Vec<_>>>()?;
+            batch_of(&blocks.iter().collect::<Vec<_>>())
+        });
+        evaluate_batches(&self.model, batches, data.n_val(), data.seq_len()).map(Some)
     }
 
     /// Train until the last step, or until `on_step` breaks; evaluate every `eval_every` steps
@@ -627,7 +640,7 @@ impl Trainer {
             }
         }
         write_safetensors(stage.join(OPTIMIZER_FILE), &tensors, DType::F32, &Default::default())?;
-        let state = self.state();
+        let state = self.state()?;
         let json = serde_json::to_string_pretty(&state)
             .map_err(|source| Error::Json { file: TRAINER_STATE_FILE.into(), source })?;
         let state_path = stage.join(TRAINER_STATE_FILE);
@@ -637,9 +650,9 @@ impl Trainer {
         Ok(())
     }
 
-    fn state(&self) -> TrainerState {
+    fn state(&self) -> Result<TrainerState> {
         let c = &self.config;
-        TrainerState {
+        Ok(TrainerState {
             format: STATE_FORMAT.into(),
             version: 1,
             step: self.step,
@@ -649,10 +662,10 @@ impl Trainer {
             optimizer_step: self.opt.steps(),
             rng: RngState { scheme: RNG_SCHEME.into(), seed: c.seed },
             data: DataState {
-                fingerprint: format!("{:016x}", self.data.fingerprint()),
-                train_blocks: self.data.train.len(),
-                val_blocks: self.data.val.len(),
-                seq_len: self.data.seq_len,
+                fingerprint: format!("{:016x}", self.data.fingerprint()?),
+                train_blocks: self.data.n_train(),
+                val_blocks: self.data.n_val(),
+                seq_len: self.data.seq_len(),
             },
             config: ConfigState {
                 rank: c.rank,
@@ -668,7 +681,7 @@ impl Trainer {
                 max_grad_norm: c.max_grad_norm,
             },
             last_loss: self.last_loss,
-        }
+        })
     }
 
     fn restore(&mut self, dir: &Path) -> Result<()> {
@@ -692,7 +705,7 @@ impl Trainer {
             );
         }
         let c = &self.config;
-        let fp = format!("{:016x}", self.data.fingerprint());
+        let fp = format!("{:016x}", self.data.fingerprint()?);
         if state.data.fingerprint != fp {
             return mismatch("data fingerprint", state.data.fingerprint, format!("{fp} (the data or seq_len changed)"));
         }
@@ -713,11 +726,11 @@ impl Trainer {
                 format!("{}, {}, {}", c.rank, c.alpha, c.rslora),
             );
         }
-        if state.position > self.data.train.len() {
+        if state.position > self.data.n_train() {
             return mismatch(
                 "data position",
                 state.position.to_string(),
-                format!("{} training blocks", self.data.train.len()),
+                format!("{} training blocks", self.data.n_train()),
             );
         }
         let adapter = read_peft::<f32>(dir)?;
@@ -755,7 +768,7 @@ impl Trainer {
         self.step = state.step;
         self.epoch = state.epoch;
         self.position = state.position;
-        self.order = epoch_order(self.data.train.len(), self.config.seed, self.epoch);
+        self.order = epoch_order(self.data.n_train(), self.config.seed, self.epoch);
         self.last_loss = state.last_loss;
         Ok(())
     }
@@ -764,9 +777,20 @@ impl Trainer {
 /// Mean loss and perplexity of `model` over `blocks` (their labels decide what counts), `batch`
 /// blocks at a time: eval's convention (the mean over every counted prediction).
 pub fn evaluate_blocks(model: &Model<f32>, blocks: &[Block], batch: usize) -> Result<EvalReport> {
+    let batches = blocks.chunks(batch.max(1)).map(|chunk| batch_of(&chunk.iter().collect::<Vec<_>>()));
+    evaluate_batches(model, batches, blocks.len(), blocks.first().map_or(0, |b| b.ids.len()))
+}
+
+/// Mean loss and perplexity over batches made one at a time.
+fn evaluate_batches(
+    model: &Model<f32>,
+    batches: impl Iterator<Item = Result<crate::model::Batch>>,
+    blocks: usize,
+    seq_len: usize,
+) -> Result<EvalReport> {
     let mut total = Loss { sum: 0.0, count: 0 };
-    for chunk in blocks.chunks(batch.max(1)) {
-        let b = batch_of(&chunk.iter().collect::<Vec<_>>())?;
+    for b in batches {
+        let b = b?;
         if b.predictions() == 0 {
             continue;
         }
@@ -778,13 +802,7 @@ pub fn evaluate_blocks(model: &Model<f32>, blocks: &[Block], batch: usize) -> Re
         return Err(Error::Input("no counted prediction in the evaluation blocks".into()));
     }
     let loss = total.mean();
-    Ok(EvalReport {
-        loss,
-        perplexity: loss.exp(),
-        tokens: total.count,
-        blocks: blocks.len(),
-        seq_len: blocks.first().map_or(0, |b| b.ids.len()),
-    })
+    Ok(EvalReport { loss, perplexity: loss.exp(), tokens: total.count, blocks, seq_len })
 }
 
 /// The newest checkpoint (`checkpoint-<step>` with the largest step) in `out_dir`, if any.

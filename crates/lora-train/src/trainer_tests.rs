@@ -102,7 +102,7 @@ fn resume_config(steps: usize) -> TrainConfig {
 #[test]
 fn stopped_and_resumed_equals_uninterrupted() {
     let data = dataset(60, 32, 0.1); // few blocks: the run crosses epochs
-    assert!(data.train.len() < 4 * 2 * 7);
+    assert!(data.n_train() < 4 * 2 * 7);
     let tmp = tempfile::tempdir().unwrap();
     let (full_dir, cut_dir) = (tmp.path().join("full"), tmp.path().join("cut"));
 
@@ -252,8 +252,8 @@ fn text_files_tokenize_as_eval_and_split() {
     let recs = read_records(&path, &TextTokenizer::bytes()).unwrap();
     assert_eq!(recs[0].ids, tokenize_file(tmp.path(), &path, 256).unwrap().ids);
     let d = Dataset::from_records(&recs, 16, 0.25, &path).unwrap();
-    assert_eq!((d.train.len(), d.val.len()), (12, 4), "260 tokens: 16 blocks, the last 4 held out");
-    assert_eq!(d.val[3].ids, recs[0].ids[15 * 16..16 * 16]);
+    assert_eq!((d.n_train(), d.n_val()), (12, 4), "260 tokens: 16 blocks, the last 4 held out");
+    assert_eq!(d.val_block(3).unwrap().ids, recs[0].ids[15 * 16..16 * 16]);
     let err = Dataset::from_records(&recs, 300, 0.0, &path).unwrap_err().to_string();
     assert!(err.contains("t.txt"), "{err}");
     let err = read_records(&tmp.path().join("missing.txt"), &TextTokenizer::bytes()).unwrap_err().to_string();
@@ -286,5 +286,21 @@ fn bad_configs_are_refused() {
     }
     let epochs = TrainConfig { length: TrainLength::Epochs(2.0), ..config(0) };
     let t = Trainer::new(model(), dataset(60, 32, 0.0), epochs).unwrap();
-    assert_eq!(t.total_steps(), (2 * t.data().train.len()).div_ceil(4));
+    assert_eq!(t.total_steps(), (2 * t.data().n_train()).div_ceil(4));
+}
+
+#[test]
+fn written_adapter_config_records_the_dropout() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (dropout, dir) in [(0.15, "with"), (0.0, "without")] {
+        let out = tmp.path().join(dir);
+        let cfg = TrainConfig { dropout, save_every: Some(1), ..config(1) };
+        let mut t = Trainer::new(tiny_model(&spec()).unwrap(), dataset(20, 32, 0.0), cfg).unwrap();
+        t.run(Some(&out), |_| ControlFlow::Continue(())).unwrap();
+        for folder in [out.clone(), out.join("checkpoint-1")] {
+            let pc = lora_io::PeftConfig::read(&folder.join(lora_io::CONFIG_FILE)).unwrap();
+            assert_eq!(pc.lora_dropout, dropout, "{}", folder.display());
+            assert_eq!(pc.task_type.as_deref(), Some("CAUSAL_LM"));
+        }
+    }
 }
