@@ -246,7 +246,9 @@ pub fn write_output(out: &Path, force: bool, write: impl FnOnce(&Path) -> Result
     remove_path(&staged)?;
     if let Err(err) = write(&staged) {
         let _ = remove_path(&staged);
-        return Err(err.context(format!("cannot write {}", out.display())));
+        // the writers name the staged path; the user asked for `out`
+        let message = format!("{err:#}").replace(&staged.display().to_string(), &out.display().to_string());
+        bail!("cannot write {}: {message}", out.display());
     }
     let existing = if force { lora_io::Existing::Replace } else { lora_io::Existing::Refuse };
     if let Err(err) = lora_io::rename_into_place(&staged, out, existing) {

@@ -337,6 +337,15 @@ fn errors_name_the_file_and_leave_no_output() {
     std::fs::write(&bad, [0xff, 0xff, 0xff, 0x00, 0, 0, 0, 0, b'{', b'}']).unwrap();
     fails(&["inspect", s(&bad)], &["bad.safetensors"]);
 
+    // a refused conversion (DoRA has no GGUF form) names the output asked for, not the staged one
+    let gguf = out.path().join("dora.gguf");
+    let dora = fixtures().join("peft/dora");
+    let (adapter, base) = (dora.join("adapter"), dora.join("base"));
+    let err =
+        fails(&["convert", s(&adapter), "--to", "gguf", "--base", s(&base), "--out", s(&gguf)], &["dora.gguf", "DoRA"]);
+    assert!(!err.contains("lora-tmp"), "the error names the staged output: {err}");
+    assert!(!gguf.exists());
+
     // an adapter for another model: the shape error names the tensor
     let small = out.path().join("small");
     ok(&["demo", "--out", s(&small), "--hidden", "32", "--rank", "2", "--layers", "1", "--train-steps", "0"]);
