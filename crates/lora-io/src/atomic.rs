@@ -6,7 +6,8 @@
 //! half-written target).
 //!
 //! The bytes are written by a writer thread, so that encoding the next bytes overlaps writing the
-//! previous ones. They travel in buffers of [`BUFFER`] bytes, of which at most [`BUFFERS`] exist
+//! previous ones. They travel in buffers of [`BUFFER`] bytes (never zeroed again after the first
+//! use), of which at most [`BUFFERS`] exist
 //! per file (one being filled, the others queued or being written, then recycled): the memory in
 //! flight is bounded, whatever the size of the file. A slice of a buffer or more is written by the
 //! caller itself once the queue is empty, so a raw copy from a memory map is not copied twice.
@@ -26,15 +27,16 @@ use tempfile::NamedTempFile;
 
 use crate::error::{Error, Result};
 
-/// Bytes per buffer handed to the writer thread.
-pub(crate) const BUFFER: usize = 4 << 20;
+/// Bytes per buffer handed to the writer thread (about a core's L2 cache).
+pub(crate) const BUFFER: usize = 1 << 20;
 /// Buffers per file at most (filled, queued, being written).
-const BUFFERS: usize = 4;
+const BUFFERS: usize = 8;
 
-/// The writer thread's side: queued buffers in, written buffers back.
+/// The writer thread's side: queued buffers (and how many of their bytes to write) in, written
+/// buffers back. Buffers keep their full length, so that filling one never zeroes it first.
 #[derive(Debug)]
 struct Writer {
-    full: Sender<Vec<u8>>,
+    full: Sender<(Vec<u8>, usize)>,
     free: Receiver<Vec<u8>>,
     /// Buffers that exist (at most [`BUFFERS`]).
     allocated: usize,
@@ -49,7 +51,9 @@ struct Writer {
 #[derive(Debug)]
 pub(crate) struct AtomicFile {
     path: PathBuf,
+    /// The buffer being filled ([`BUFFER`] bytes long) and the bytes of it in use.
     buf: Vec<u8>,
+    used: usize,
     file: Option<Arc<NamedTempFile>>,
     writer: Option<Writer>,
 }
@@ -87,15 +91,14 @@ impl AtomicFile {
     /// Start writing `path` (through a temporary file in the same folder).
     pub(crate) fn create(path: &Path) -> Result<Self> {
         let file = Arc::new(temp_beside(path)?);
-        let (full_tx, full_rx) = channel::<Vec<u8>>();
+        let (full_tx, full_rx) = channel::<(Vec<u8>, usize)>();
         let (free_tx, free_rx) = channel::<Vec<u8>>();
         let out = Arc::clone(&file);
         let thread = std::thread::Builder::new()
             .name("lora-io-writer".into())
             .spawn(move || {
-                for mut b in full_rx {
-                    out.as_file().write_all(&b)?;
-                    b.clear();
+                for (b, used) in full_rx {
+                    out.as_file().write_all(&b[..used])?;
                     // The main side may be gone (dropped after an error); the buffer is freed then.
                     let _ = free_tx.send(b);
                 }
@@ -104,7 +107,8 @@ impl AtomicFile {
             .map_err(|e| Error::io(path, e))?;
         Ok(AtomicFile {
             path: path.to_path_buf(),
-            buf: Vec::with_capacity(BUFFER),
+            buf: vec![0; BUFFER],
+            used: 0,
             file: Some(file),
             writer: Some(Writer {
                 full: full_tx,
@@ -127,7 +131,7 @@ impl AtomicFile {
     pub(crate) fn write_all(&mut self, mut bytes: &[u8]) -> Result<()> {
         injected_fault(bytes.len()).map_err(|e| Error::io(&self.path, e))?;
         if bytes.len() >= BUFFER {
-            if !self.buf.is_empty() {
+            if self.used > 0 {
                 self.send()?;
             }
             self.drain()?;
@@ -135,11 +139,12 @@ impl AtomicFile {
             return file.as_file().write_all(bytes).map_err(|e| Error::io(&self.path, e));
         }
         while !bytes.is_empty() {
-            if self.buf.len() == BUFFER {
+            if self.used == BUFFER {
                 self.send()?;
             }
-            let n = bytes.len().min(BUFFER - self.buf.len());
-            self.buf.extend_from_slice(&bytes[..n]);
+            let n = bytes.len().min(BUFFER - self.used);
+            self.buf[self.used..self.used + n].copy_from_slice(&bytes[..n]);
+            self.used += n;
             bytes = &bytes[n..];
         }
         Ok(())
@@ -147,8 +152,8 @@ impl AtomicFile {
 
     /// Append `len` bytes produced in place by `fill(out, offset)`: `out` is the next piece of the
     /// output (a whole number of `width`-byte elements) and `offset` its byte offset within the
-    /// `len` bytes; an error from `fill` stops the file. Nothing is copied: `fill` writes straight into the buffer the writer thread
-    /// writes out.
+    /// `len` bytes; an error from `fill` stops the file. Nothing is copied: `fill` writes
+    /// straight into the buffer the writer thread writes out.
     pub(crate) fn fill(
         &mut self,
         len: usize,
@@ -159,15 +164,14 @@ impl AtomicFile {
         injected_fault(len).map_err(|e| Error::io(&self.path, e))?;
         let mut done = 0;
         while done < len {
-            let room = (BUFFER - self.buf.len()) / width * width;
+            let room = (BUFFER - self.used) / width * width;
             if room == 0 {
                 self.send()?;
                 continue;
             }
             let n = room.min(len - done);
-            let start = self.buf.len();
-            self.buf.resize(start + n, 0);
-            fill(&mut self.buf[start..], done)?;
+            fill(&mut self.buf[self.used..self.used + n], done)?;
+            self.used += n;
             done += n;
         }
         Ok(())
@@ -185,7 +189,7 @@ impl AtomicFile {
             Some(b) => b,
             None if w.allocated < BUFFERS => {
                 w.allocated += 1;
-                Vec::with_capacity(BUFFER)
+                vec![0; BUFFER]
             }
             None => match w.free.recv() {
                 Ok(b) => {
@@ -196,8 +200,9 @@ impl AtomicFile {
             },
         };
         let full = std::mem::replace(&mut self.buf, next);
+        let used = std::mem::take(&mut self.used);
         let w = self.writer.as_mut().ok_or_else(|| finished(&self.path))?;
-        if w.full.send(full).is_err() {
+        if w.full.send((full, used)).is_err() {
             return Err(self.writer_error());
         }
         w.in_flight += 1;
@@ -232,7 +237,7 @@ impl AtomicFile {
 
     /// Write what is left, fsync and rename into place.
     pub(crate) fn commit(mut self) -> Result<()> {
-        if !self.buf.is_empty() {
+        if self.used > 0 {
             self.send()?;
         }
         let w = self.writer.take().ok_or_else(|| finished(&self.path))?;

@@ -295,18 +295,24 @@ fn decode_f32_into(d: Dtype, b: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Decode a tensor's bytes to f32; pieces of a large tensor are decoded in parallel (rayon's
-/// pool), each element by the same conversion, so the result does not depend on the threads.
+/// Decode a tensor's bytes to f32. A large tensor is decoded in pieces in parallel (rayon's
+/// pool), each element by the same conversion, so the result does not depend on the threads;
+/// a small one is collected straight into its vector.
 fn decode_f32(d: Dtype, b: &[u8]) -> std::result::Result<Vec<f32>, ()> {
     let width = float_width(d).ok_or(())?;
     let n = b.len() / width;
-    let mut out = vec![0f32; n];
     if n >= PARALLEL_MIN {
+        let mut out = vec![0f32; n];
         out.par_chunks_mut(PIECE).zip(b.par_chunks(PIECE * width)).for_each(|(o, c)| decode_f32_into(d, c, o));
-    } else {
-        decode_f32_into(d, b, &mut out);
+        return Ok(out);
     }
-    Ok(out)
+    let chunks = b.chunks_exact(width);
+    Ok(match d {
+        Dtype::F32 => chunks.map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => chunks.map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::BF16 => chunks.map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        _ => chunks.map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
+    })
 }
 
 fn decode_f64(d: Dtype, b: &[u8]) -> std::result::Result<Vec<f64>, ()> {

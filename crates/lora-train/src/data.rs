@@ -137,7 +137,7 @@ const TEXT_PIECE: usize = 1 << 20;
 
 /// Read `data` (plain text, or JSONL when its name ends in `.jsonl`) and give its tokens to `on`
 /// as they are made, never holding more than a piece of the file: a JSONL line, or about
-/// [`TEXT_PIECE`] bytes of plain text.
+/// a MiB of plain text.
 ///
 /// Plain text is read in pieces cut after a newline that a non-whitespace character follows
 /// (a piece grows until it holds such a cut). With raw bytes the tokens are exactly
