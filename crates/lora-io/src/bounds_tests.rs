@@ -6,9 +6,18 @@ use std::path::Path;
 
 use crate::*;
 
-/// A GGUF llama LoRA adapter with head counts and the given tensor infos (name, GGUF dims), no
-/// data.
+/// A GGUF llama LoRA adapter with head counts and the given tensor infos (name, GGUF dims),
+/// padded to the data section, no data.
 fn gguf_adapter(tensors: &[(&str, [u64; 2])]) -> Vec<u8> {
+    let mut b = gguf_header(tensors);
+    while b.len() % 32 != 0 {
+        b.push(0);
+    }
+    b
+}
+
+/// [`gguf_adapter`] without the padding after the header.
+fn gguf_header(tensors: &[(&str, [u64; 2])]) -> Vec<u8> {
     let mut b = b"GGUF".to_vec();
     let put_u32 = |b: &mut Vec<u8>, v: u32| b.extend_from_slice(&v.to_le_bytes());
     let put_u64 = |b: &mut Vec<u8>, v: u64| b.extend_from_slice(&v.to_le_bytes());
@@ -39,9 +48,6 @@ fn gguf_adapter(tensors: &[(&str, [u64; 2])]) -> Vec<u8> {
         put_u64(&mut b, dims[1]);
         put_u32(&mut b, 0);
         put_u64(&mut b, 0);
-    }
-    while b.len() % 32 != 0 {
-        b.push(0);
     }
     b
 }
@@ -132,4 +138,21 @@ fn safetensors_offsets_summing_past_2e64_are_refused_naming_a_tensor() {
     std::fs::write(&p, bytes).unwrap();
     let e = SafetensorsFile::open(&p).unwrap_err().to_string();
     assert!(e.contains("sum.safetensors, tensor t") && e.contains("run past the end of the data (16 bytes)"), "{e}");
+}
+
+#[test]
+fn gguf_tensors_of_no_values_whose_data_would_start_past_the_end_are_refused() {
+    // Found by the gguf fuzz target: the file ends with the header, short of the next multiple of 32,
+    // both tensors have no values at offset 0, so the size checks passed and decoding sliced the
+    // map from past its end (a panic).
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("short.gguf");
+    let bytes = gguf_header(&[("blk.0.attn_q.weight.lora_a", [8, 0]), ("blk.0.attn_q.weight.lora_b", [0, 8])]);
+    assert_ne!(bytes.len() % 32, 0, "the header must end short of the data section");
+    std::fs::write(&p, &bytes).unwrap();
+    let e = GgufFile::open(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("short.gguf, tensor blk.0.attn_q.weight.lora_a") && e.contains("past the end of the file"),
+        "{e}"
+    );
 }

@@ -382,6 +382,17 @@ impl GgufFile {
                 (None, _) => None,
             }
             .ok_or_else(|| Error::header(at(), format!("dims {:?} overflow", t.dims)))?;
+            // The padding after the header can run past the end of a file that holds only
+            // tensors of no values; their data would start outside the map.
+            if data_start > map.len() as u64 {
+                return Err(Error::header(
+                    at(),
+                    format!(
+                        "tensor data would start at byte {data_start}, past the end of the file ({} bytes)",
+                        map.len()
+                    ),
+                ));
+            }
             if t.offset % alignment != 0 {
                 return Err(Error::header(at(), format!("data offset {} is not aligned to {alignment}", t.offset)));
             }
@@ -410,20 +421,16 @@ impl GgufFile {
         let t =
             self.tensors.get(name).ok_or_else(|| Error::TensorNotFound { at: Location::tensor(&self.path, name) })?;
         let n: usize = t.dims.iter().map(|&d| d as usize).product();
+        let width = if t.ggml_type == GGML_F32 { 4 } else { 2 };
+        // `open` checked that the data lies in the file; `get` keeps a bad header an error here too.
         let start = self.data_start + t.offset as usize;
+        let bytes = self.map.get(start..start + width * n).ok_or_else(|| {
+            Error::header(Location::tensor(&self.path, name), "tensor data runs past the end of the file")
+        })?;
         let values: Vec<f32> = match t.ggml_type {
-            GGML_F32 => self.map[start..start + 4 * n]
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
-                .collect(),
-            GGML_F16 => self.map[start..start + 2 * n]
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            _ => self.map[start..start + 2 * n]
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            GGML_F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect(),
+            GGML_F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            _ => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         };
         ArrayD::from_shape_vec(IxDyn(&t.shape()), values)
             .map_err(|_| Error::header(Location::tensor(&self.path, name), "bad shape"))
