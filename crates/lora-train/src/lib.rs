@@ -123,6 +123,8 @@ pub use trainer::{
 #[cfg(test)]
 mod data_tests;
 #[cfg(test)]
+mod ops_tests;
+#[cfg(test)]
 mod optim_tests;
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@ use lora_core::Scalar;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{s, Array1, Array2, ArrayView2, Axis, Zip};
 
-use crate::parallel::Par;
+use crate::parallel::{chunk_rows, Par};
 
 /// y = w ⊙ x / sqrt(mean(x²) + eps) per row; also returns 1 / sqrt(mean(x²) + eps) per row.
 pub(crate) fn rms_norm<T: Scalar>(x: &Array2<T>, w: &Array1<T>, eps: f64, par: &Par) -> (Array2<T>, Array1<T>) {
@@ -87,14 +87,9 @@ impl<T: Scalar> Rope<T> {
     }
 }
 
-/// SiLU and its derivative.
+/// SiLU.
 pub(crate) fn silu<T: Scalar>(x: T) -> T {
     x / (T::one() + (-x).exp())
-}
-
-fn silu_grad<T: Scalar>(x: T) -> T {
-    let sig = T::one() / (T::one() + (-x).exp());
-    sig * (T::one() + x * (T::one() - sig))
 }
 
 /// act = silu(g) ⊙ u.
@@ -107,7 +102,7 @@ pub(crate) fn swiglu<T: Scalar>(g: &Array2<T>, u: &Array2<T>, par: &Par) -> Arra
     act
 }
 
-/// Backward of [`swiglu`]: (dg, du).
+/// Backward of [`swiglu`]: (dg, du), in one pass over the rows with one exponential per entry.
 pub(crate) fn swiglu_backward<T: Scalar>(
     da: &Array2<T>,
     g: &Array2<T>,
@@ -115,16 +110,21 @@ pub(crate) fn swiglu_backward<T: Scalar>(
     par: &Par,
 ) -> (Array2<T>, Array2<T>) {
     let mut dg = Array2::zeros(g.raw_dim());
-    par.row_chunks(&mut dg, |first, mut chunk| {
-        let rows = s![first..first + chunk.nrows(), ..];
-        Zip::from(&mut chunk).and(da.slice(rows)).and(g.slice(rows)).and(u.slice(rows)).for_each(|dg, &da, &g, &u| {
-            *dg = da * u * silu_grad(g);
-        });
-    });
     let mut du = Array2::zeros(g.raw_dim());
-    par.row_chunks(&mut du, |first, mut chunk| {
-        let rows = s![first..first + chunk.nrows(), ..];
-        Zip::from(&mut chunk).and(da.slice(rows)).and(g.slice(rows)).for_each(|du, &da, &g| *du = da * silu(g));
+    let rows = chunk_rows(g.nrows());
+    let pieces: Vec<_> =
+        dg.axis_chunks_iter_mut(Axis(0), rows).zip(du.axis_chunks_iter_mut(Axis(0), rows)).enumerate().collect();
+    par.map_vec(pieces, |(i, (mut dg, mut du))| {
+        let r = s![i * rows..i * rows + dg.nrows(), ..];
+        Zip::from(&mut dg).and(&mut du).and(da.slice(r)).and(g.slice(r)).and(u.slice(r)).for_each(
+            |dg, du, &da, &g, &u| {
+                // silu(g) = g sig, silu'(g) = sig (1 + g (1 - sig)), sig = 1 / (1 + exp(-g))
+                let denom = T::one() + (-g).exp();
+                let sig = T::one() / denom;
+                *du = da * (g / denom);
+                *dg = da * u * (sig * (T::one() + g * (T::one() - sig)));
+            },
+        );
     });
     (dg, du)
 }
@@ -150,11 +150,23 @@ impl AttnDims {
     }
 }
 
+/// Query rows per block in [`attention`]: query block [q0, q1) only meets keys [0, q1), so the
+/// products and the softmax skip the blocks above the diagonal (at 256 positions, 6 of the 16
+/// blocks of 64 x 64).
+const QUERY_BLOCK: usize = 64;
+
+/// Index of the first key of sequence `b` that is not padding (`seq` when there is none): the
+/// queries before it see no key.
+fn first_visible(keep: Option<&Array2<bool>>, b: usize, seq: usize) -> usize {
+    keep.map_or(0, |m| m.row(b).iter().position(|&k| k).unwrap_or(seq))
+}
+
 /// Causal softmax attention for every (sequence, head), in parallel. q is (rows, heads x d)
 /// after rotary embedding, k and v (rows, kv_heads x d). `keep[b][j]` false masks key j of
 /// sequence b (padding); a query with no visible key attends uniformly to every position, as in
-/// transformers. Returns the output
-/// (rows, heads x d) and the probabilities of every (sequence, head), (seq, seq) each.
+/// transformers. Returns the output (rows, heads x d) and the probabilities of every
+/// (sequence, head), (seq, seq) each, zero above the diagonal and on the rows of queries that
+/// see no key (their uniform attention is applied apart, here and in [`attention_backward`]).
 pub(crate) fn attention<T: Scalar>(
     q: &Array2<T>,
     k: &Array2<T>,
@@ -163,33 +175,67 @@ pub(crate) fn attention<T: Scalar>(
     keep: Option<&Array2<bool>>,
     par: &Par,
 ) -> (Array2<T>, Vec<Array2<T>>) {
+    attention_blocks(q, k, v, dims, keep, par, QUERY_BLOCK)
+}
+
+pub(crate) fn attention_blocks<T: Scalar>(
+    q: &Array2<T>,
+    k: &Array2<T>,
+    v: &Array2<T>,
+    dims: AttnDims,
+    keep: Option<&Array2<bool>>,
+    par: &Par,
+    block: usize,
+) -> (Array2<T>, Vec<Array2<T>>) {
     let (t, d) = (dims.seq, dims.head_dim);
     let scale = T::from_f64(1.0 / (d as f64).sqrt());
     let results = par.map(dims.batch * dims.heads, |i| {
         let (b, h) = (i / dims.heads, i % dims.heads);
         let kh = dims.kv_head(h);
-        let mut p = Array2::zeros((t, t));
-        general_mat_mul(scale, &dims.block(q, b, h), &dims.block(k, b, kh).t(), T::zero(), &mut p);
+        let (qm, km, vm) = (dims.block(q, b, h), dims.block(k, b, kh), dims.block(v, b, kh));
         let keep_row = keep.map(|m| m.row(b));
-        for (qi, mut row) in p.rows_mut().into_iter().enumerate() {
-            let visible = |j: usize| j <= qi && keep_row.is_none_or(|m| m[j]);
-            let max = (0..t).filter(|&j| visible(j)).map(|j| row[j]).fold(T::neg_infinity(), T::max);
-            if max == T::neg_infinity() {
-                // No visible key (a padded query before the first real token): transformers'
-                // eager attention adds the dtype's minimum to every score, which leaves them all
-                // equal, so the query attends uniformly to every position; match it.
-                row.fill(T::one() / T::from_f64(t as f64));
-                continue;
+        let first = first_visible(keep, b, t);
+        let mut p = Array2::zeros((t, t));
+        let mut out = Array2::zeros((t, d));
+        for q0 in (0..t).step_by(block) {
+            let q1 = (q0 + block).min(t);
+            let mut pb = p.slice_mut(s![q0..q1, ..q1]);
+            general_mat_mul(scale, &qm.slice(s![q0..q1, ..]), &km.slice(s![..q1, ..]).t(), T::zero(), &mut pb);
+            for (qi, mut row) in (q0..q1).zip(pb.rows_mut()) {
+                if qi < first {
+                    // No visible key (a padded query before the first real token): transformers'
+                    // eager attention adds the dtype's minimum to every score, which leaves them
+                    // all equal, so the query attends uniformly to every position (applied below)
+                    row.fill(T::zero());
+                    continue;
+                }
+                let visible = |j: usize| keep_row.is_none_or(|m| m[j]);
+                let max = (first..=qi).filter(|&j| visible(j)).map(|j| row[j]).fold(T::neg_infinity(), T::max);
+                let mut sum = T::zero();
+                for j in 0..=qi {
+                    let e = if visible(j) { (row[j] - max).exp() } else { T::zero() };
+                    row[j] = e;
+                    sum += e;
+                }
+                let mut row = row.slice_mut(s![..=qi]);
+                row /= sum;
             }
-            let mut sum = T::zero();
-            for j in 0..t {
-                let e = if visible(j) { (row[j] - max).exp() } else { T::zero() };
-                row[j] = e;
-                sum += e;
+            // what the block's scores left above the diagonal
+            for (qi, mut row) in (q0..q1).zip(pb.rows_mut()) {
+                row.slice_mut(s![qi + 1..]).fill(T::zero());
             }
-            row /= sum;
+            general_mat_mul(
+                T::one(),
+                &p.slice(s![q0..q1, ..q1]),
+                &vm.slice(s![..q1, ..]),
+                T::zero(),
+                &mut out.slice_mut(s![q0..q1, ..]),
+            );
         }
-        let out = p.dot(&dims.block(v, b, kh));
+        if first > 0 {
+            let mean = vm.sum_axis(Axis(0)) / T::from_f64(t as f64);
+            out.slice_mut(s![..first.min(t), ..]).assign(&mean.broadcast((first.min(t), d)).expect("row"));
+        }
         (p, out)
     });
     let mut o = Array2::zeros((dims.batch * t, dims.heads * d));
@@ -206,36 +252,58 @@ pub(crate) fn attention<T: Scalar>(
 /// gradients of the query heads that share a kv head summed (in head order, deterministic).
 pub(crate) fn attention_backward<T: Scalar>(
     d_o: &Array2<T>,
+    qkv: [&Array2<T>; 3],
+    probs: &[Array2<T>],
+    dims: AttnDims,
+    keep: Option<&Array2<bool>>,
+    par: &Par,
+) -> (Array2<T>, Array2<T>, Array2<T>) {
+    attention_backward_blocks(d_o, qkv, probs, dims, keep, par, QUERY_BLOCK)
+}
+
+pub(crate) fn attention_backward_blocks<T: Scalar>(
+    d_o: &Array2<T>,
     [q, k, v]: [&Array2<T>; 3],
     probs: &[Array2<T>],
     dims: AttnDims,
     keep: Option<&Array2<bool>>,
     par: &Par,
+    block: usize,
 ) -> (Array2<T>, Array2<T>, Array2<T>) {
     let (t, d) = (dims.seq, dims.head_dim);
     let scale = T::from_f64(1.0 / (d as f64).sqrt());
     let results = par.map(dims.batch * dims.heads, |i| {
         let (b, h) = (i / dims.heads, i % dims.heads);
         let kh = dims.kv_head(h);
+        let (qm, km, vm) = (dims.block(q, b, h), dims.block(k, b, kh), dims.block(v, b, kh));
         let p = &probs[i];
-        let blind = Array1::from_shape_fn(t, |qi| keep.is_some_and(|m| (0..=qi).all(|j| !m[[b, j]])));
         let dout = dims.block(d_o, b, h);
-        let mut dp = dout.dot(&dims.block(v, b, kh).t());
-        let dv = p.t().dot(&dout);
-        // dS = P ⊙ (dP - rowsum(dP ⊙ P)), written over dP; zero for a query that sees no key
-        // (its uniform probabilities do not depend on the scores)
-        Zip::from(dp.rows_mut()).and(p.rows()).and(&blind).for_each(|mut dp, p, &blind| {
-            if blind {
-                dp.fill(T::zero());
-                return;
-            }
-            let dot = Zip::from(&dp).and(&p).fold(T::zero(), |acc, &a, &b| acc + a * b);
-            Zip::from(&mut dp).and(&p).for_each(|ds, &p| *ds = p * (*ds - dot));
-        });
         let mut dq = Array2::zeros((t, d));
-        general_mat_mul(scale, &dp, &dims.block(k, b, kh), T::zero(), &mut dq);
         let mut dk = Array2::zeros((t, d));
-        general_mat_mul(scale, &dp.t(), &dims.block(q, b, h), T::zero(), &mut dk);
+        let mut dv = Array2::zeros((t, d));
+        let mut buf = Array2::zeros((block.min(t), t));
+        for q0 in (0..t).step_by(block) {
+            let q1 = (q0 + block).min(t);
+            let (pb, doutb) = (p.slice(s![q0..q1, ..q1]), dout.slice(s![q0..q1, ..]));
+            let mut dp = buf.slice_mut(s![..q1 - q0, ..q1]);
+            general_mat_mul(T::one(), &doutb, &vm.slice(s![..q1, ..]).t(), T::zero(), &mut dp);
+            general_mat_mul(T::one(), &pb.t(), &doutb, T::one(), &mut dv.slice_mut(s![..q1, ..]));
+            // dS = P ⊙ (dP - rowsum(dP ⊙ P)), written over dP; zero above the diagonal and for a
+            // query that sees no key (its probabilities are stored as zeros: its uniform
+            // attention does not depend on the scores)
+            Zip::from(dp.rows_mut()).and(pb.rows()).for_each(|mut dp, p| {
+                let dot = Zip::from(&dp).and(&p).fold(T::zero(), |acc, &a, &b| acc + a * b);
+                Zip::from(&mut dp).and(&p).for_each(|ds, &p| *ds = p * (*ds - dot));
+            });
+            general_mat_mul(scale, &dp, &km.slice(s![..q1, ..]), T::zero(), &mut dq.slice_mut(s![q0..q1, ..]));
+            general_mat_mul(scale, &dp.t(), &qm.slice(s![q0..q1, ..]), T::one(), &mut dk.slice_mut(s![..q1, ..]));
+        }
+        // the queries that see no key take the mean of every value
+        let first = first_visible(keep, b, t).min(t);
+        if first > 0 {
+            let sum = dout.slice(s![..first, ..]).sum_axis(Axis(0)) / T::from_f64(t as f64);
+            dv += &sum;
+        }
         (dq, dk, dv)
     });
     let mut dq = Array2::zeros(q.raw_dim());

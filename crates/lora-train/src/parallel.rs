@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 /// How many threads the model's work runs on.
 ///
 /// With a pool, attention runs in parallel across (sequence, head) pairs, the loss across
-/// sequences, and every large product and elementwise pass across fixed chunks of 128 rows
+/// sequences, and every large product and elementwise pass across fixed chunks of rows
 /// (sequences x positions), each chunk one `general_mat_mul` (a CBLAS when the final binary
 /// links one). Results do not depend on the thread count: the chunks are the same and parallel
 /// pieces are combined in a fixed order.
@@ -84,25 +84,34 @@ impl Par {
         }
     }
 
-    /// `f(first_row, chunk)` on consecutive chunks of [`ROW_CHUNK`] rows of `out`, in parallel
-    /// when there is a pool. The chunks are the same whatever the thread count, so results are
-    /// too.
+    /// `f(first_row, chunk)` on consecutive chunks of [`chunk_rows`] rows of `out`, in parallel
+    /// when there is a pool. The chunks depend on the number of rows only, never on the thread
+    /// count, so results do not either.
     pub(crate) fn row_chunks<T: Send + Sync>(
         &self,
         out: &mut Array2<T>,
         f: impl Fn(usize, ArrayViewMut2<'_, T>) + Sync + Send,
     ) {
-        let chunks: Vec<_> = out.axis_chunks_iter_mut(Axis(0), ROW_CHUNK).enumerate().collect();
-        self.map_vec(chunks, |(i, chunk)| f(i * ROW_CHUNK, chunk));
+        let rows = chunk_rows(out.nrows());
+        let chunks: Vec<_> = out.axis_chunks_iter_mut(Axis(0), rows).enumerate().collect();
+        self.map_vec(chunks, |(i, chunk)| f(i * rows, chunk));
     }
 }
 
-/// Rows per piece of work in [`Par::row_chunks`]: large enough for an efficient matrix product,
-/// small enough to share 2048 rows among a few threads.
-pub(crate) const ROW_CHUNK: usize = 128;
+/// Rows per piece of work in [`Par::row_chunks`] for a matrix of `rows` rows: about an eighth
+/// of them (enough pieces to share among a few threads), in multiples of 64, from 128 to 512.
+///
+/// Every piece of a product `x Wᵀ` is one GEMM call, which packs all of W again, so fewer,
+/// taller pieces pack the weights fewer times: on the issue-6 bench config (2048 rows) pieces of
+/// 256 rows instead of 128 took about 10% less CPU time per training step (docs/benchmarks.md).
+/// A function of `rows` alone, so the pieces, and the results, are the same whatever the
+/// thread count.
+pub(crate) fn chunk_rows(rows: usize) -> usize {
+    rows.div_ceil(8).next_multiple_of(64).clamp(128, 512)
+}
 
 /// c = alpha a b + beta c, with a's and c's rows split into
-/// [`ROW_CHUNK`] pieces computed in parallel (each piece a single-threaded-size GEMM).
+/// [`chunk_rows`] pieces computed in parallel (each piece a single-threaded-size GEMM).
 pub(crate) fn gemm<T: Scalar>(par: &Par, alpha: T, a: &ArrayRef2<T>, b: &ArrayRef2<T>, beta: T, c: &mut Array2<T>) {
     par.row_chunks(c, |first, mut chunk| {
         let rows = first..first + chunk.nrows();

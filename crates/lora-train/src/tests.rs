@@ -2,11 +2,11 @@
 //! f64, gradient checkpointing, dropout and input checks, on tiny random models.
 
 use lora_core::{DType, Init, MemorySource, Scaling, TargetModules};
-use ndarray::{array, Array, Array2};
+use ndarray::{array, s, Array, Array2};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::{Batch, LoraConfig, Model, ModelConfig, StepOptions, IGNORE_INDEX};
+use crate::{Batch, LoraConfig, Model, ModelConfig, Parallelism, StepOptions, IGNORE_INDEX};
 
 /// A model of `config` with random weights (norm weights near 1, every bias non-zero).
 fn random_model(config: &ModelConfig, seed: u64) -> Model<f64> {
@@ -171,6 +171,29 @@ fn checkpointing_changes_no_gradient() {
     model.set_lora_dropout(0.0).unwrap();
     let step = model.loss_and_grads(&batch, StepOptions { checkpointing: false, dropout_seed: 7 }).unwrap().0;
     assert_eq!(step, model.loss(&batch).unwrap());
+}
+
+#[test]
+fn threads_give_the_same_numbers_over_many_row_chunks_and_query_blocks() {
+    // 3 sequences of 100 positions: 300 rows, three pieces of 128 rows (the last one short) in
+    // every parallel product, and two query blocks in attention; the second sequence padded
+    // past its first query block
+    let config = qwen2_gqa_tied();
+    let mut model = random_model(&config, 5);
+    let mut lora = LoraConfig::new(2, 3.0, TargetModules::AllLinear);
+    lora.init = Init::Random { b_std: 0.3 };
+    lora.dropout = 0.1;
+    model.add_lora(&lora).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let ids = Array2::from_shape_simple_fn((3, 100), || rng.random_range(0..32u32));
+    let mut mask = Array2::from_elem((3, 100), true);
+    mask.slice_mut(s![1, ..70]).fill(false);
+    let batch = Batch::new(ids).unwrap().with_attention_mask(mask).unwrap();
+    let options = StepOptions { checkpointing: false, dropout_seed: 1 };
+    let sequential = (model.loss_and_grads(&batch, options).unwrap(), model.logits(&batch).unwrap());
+    let model = model.with_parallelism(Parallelism::Threads(2)).unwrap();
+    let threaded = (model.loss_and_grads(&batch, options).unwrap(), model.logits(&batch).unwrap());
+    assert!(sequential == threaded, "the pool changed the numbers");
 }
 
 #[test]

@@ -1,0 +1,129 @@
+//! Unit tests of the kernels: attention's causal blocks give the dense computation's output and
+//! gradients, with padding and queries that see no key; the row pieces of the parallel products.
+
+use ndarray::{s, Array2, Axis};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::ops::{attention_backward_blocks, attention_blocks, AttnDims};
+use crate::parallel::{chunk_rows, Par, Parallelism};
+
+fn random(rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Array2<f64> {
+    Array2::from_shape_simple_fn((rows, cols), || rng.random::<f64>() * 2.0 - 1.0)
+}
+
+/// Dense causal attention of one (sequence, head), written out: scores of every pair, masked
+/// softmax, a query with no visible key attending uniformly to every position. Returns the
+/// output and (dq, dk, dv) for the output gradient `dout`.
+#[allow(clippy::type_complexity)]
+fn dense(
+    q: &Array2<f64>,
+    k: &Array2<f64>,
+    v: &Array2<f64>,
+    keep: &[bool],
+    dout: &Array2<f64>,
+) -> (Array2<f64>, [Array2<f64>; 3]) {
+    let (t, d) = q.dim();
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut p = Array2::zeros((t, t));
+    let mut blind = vec![false; t];
+    for i in 0..t {
+        let visible: Vec<usize> = (0..=i).filter(|&j| keep[j]).collect();
+        if visible.is_empty() {
+            blind[i] = true;
+            p.row_mut(i).fill(1.0 / t as f64);
+            continue;
+        }
+        let score = |j: usize| scale * q.row(i).dot(&k.row(j));
+        let max = visible.iter().map(|&j| score(j)).fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = visible.iter().map(|&j| (score(j) - max).exp()).sum();
+        for &j in &visible {
+            p[[i, j]] = (score(j) - max).exp() / sum;
+        }
+    }
+    let out = p.dot(v);
+    let dv = p.t().dot(dout);
+    let dp = dout.dot(&v.t());
+    let mut ds = Array2::zeros((t, t));
+    for i in (0..t).filter(|&i| !blind[i]) {
+        let dot = dp.row(i).dot(&p.row(i));
+        for j in 0..t {
+            ds[[i, j]] = p[[i, j]] * (dp[[i, j]] - dot);
+        }
+    }
+    let dq = ds.dot(k) * scale;
+    let dk = ds.t().dot(q) * scale;
+    (out, [dq, dk, dv])
+}
+
+fn max_diff(a: &Array2<f64>, b: &Array2<f64>) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+#[test]
+fn causal_blocks_equal_dense_attention_with_padding_forward_and_backward() {
+    let dims = AttnDims { batch: 4, seq: 7, heads: 4, kv_heads: 2, head_dim: 4 };
+    let (t, d) = (dims.seq, dims.head_dim);
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let rows = dims.batch * t;
+    let q = random(rows, dims.heads * d, &mut rng);
+    let k = random(rows, dims.kv_heads * d, &mut rng);
+    let v = random(rows, dims.kv_heads * d, &mut rng);
+    let d_o = random(rows, dims.heads * d, &mut rng);
+    // no padding; left padding (three queries see no key); a hole; nothing but padding
+    let keep = Array2::from_shape_fn((dims.batch, t), |(b, j)| match b {
+        0 => true,
+        1 => j >= 3,
+        2 => j != 1 && j != 4,
+        _ => false,
+    });
+    let par = Par::new(Parallelism::Sequential).unwrap();
+    for block in [1, 2, 3, 5, 7, 64] {
+        let (o, probs) = attention_blocks(&q, &k, &v, dims, Some(&keep), &par, block);
+        let (dq, dk, dv) = attention_backward_blocks(&d_o, [&q, &k, &v], &probs, dims, Some(&keep), &par, block);
+        let mut want_dk = Array2::zeros(k.raw_dim());
+        let mut want_dv = Array2::zeros(v.raw_dim());
+        for b in 0..dims.batch {
+            for h in 0..dims.heads {
+                let kh = h / (dims.heads / dims.kv_heads);
+                let (r, c, ck) = (b * t..(b + 1) * t, h * d..(h + 1) * d, kh * d..(kh + 1) * d);
+                let keep_b: Vec<bool> = keep.row(b).to_vec();
+                let (out, [gq, gk, gv]) = dense(
+                    &q.slice(s![r.clone(), c.clone()]).to_owned(),
+                    &k.slice(s![r.clone(), ck.clone()]).to_owned(),
+                    &v.slice(s![r.clone(), ck.clone()]).to_owned(),
+                    &keep_b,
+                    &d_o.slice(s![r.clone(), c.clone()]).to_owned(),
+                );
+                let at = format!("block {block}, sequence {b}, head {h}");
+                assert!(max_diff(&o.slice(s![r.clone(), c.clone()]).to_owned(), &out) < 1e-12, "output, {at}");
+                assert!(max_diff(&dq.slice(s![r.clone(), c]).to_owned(), &gq) < 1e-12, "dq, {at}");
+                want_dk.slice_mut(s![r.clone(), ck.clone()]).scaled_add(1.0, &gk);
+                want_dv.slice_mut(s![r, ck]).scaled_add(1.0, &gv);
+            }
+        }
+        assert!(max_diff(&dk, &want_dk) < 1e-12, "dk, block {block}");
+        assert!(max_diff(&dv, &want_dv) < 1e-12, "dv, block {block}");
+        // the cached probabilities are zero above the diagonal
+        for p in &probs {
+            for (i, row) in p.axis_iter(Axis(0)).enumerate() {
+                assert!(row.slice(s![i + 1..]).iter().all(|&x| x == 0.0), "block {block}, row {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn row_pieces_depend_on_the_row_count_only_and_cover_every_row_once() {
+    assert_eq!([1, 300, 512, 1000, 2048, 4096, 100_000].map(chunk_rows), [128, 128, 128, 128, 256, 512, 512]);
+    for threads in [Parallelism::Sequential, Parallelism::Threads(1), Parallelism::Threads(3)] {
+        let par = Par::new(threads).unwrap();
+        let mut out = Array2::<usize>::zeros((1000, 3));
+        par.row_chunks(&mut out, |first, mut chunk| {
+            for (i, mut row) in chunk.rows_mut().into_iter().enumerate() {
+                row.fill(first + i + 1);
+            }
+        });
+        assert!(out.rows().into_iter().enumerate().all(|(i, row)| row.iter().all(|&v| v == i + 1)), "{threads:?}");
+    }
+}
