@@ -1,0 +1,93 @@
+//! CPU seconds and wall seconds per training step on the issue-6 bench config (the model and
+//! batch of benches/train_step.rs), for a shared machine: when other processes take the cores,
+//! wall time swings by 2-3x between runs but the CPU time a step consumes moves much less, so
+//! two builds compared by CPU time back to back are still told apart.
+//!
+//!     OPENBLAS_NUM_THREADS=1 cargo run --release -p lora-train --example step_cpu [-- STEPS]
+//!
+//! Prints the loss, the median and fastest wall time of STEPS steps (default 6) after one
+//! warm-up step, and the process's user + system CPU time per step (from /proc/self/stat, so
+//! Linux only) on a rayon pool of 2 threads.
+use std::time::Instant;
+
+use lora_core::{DType, Init, MemorySource, TargetModules};
+use lora_train::{Batch, LoraConfig, Model, ModelConfig, Parallelism, StepOptions};
+use ndarray::{Array, Array2};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// User + system CPU seconds of this process so far (fields 14 and 15 of /proc/self/stat, in
+/// clock ticks of 1/100 s).
+fn cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("Linux /proc/self/stat");
+    // the command name (field 2) is in parentheses and may hold spaces: count from after it
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / 100.0
+}
+
+fn random_model(config: &ModelConfig, threads: usize) -> Model<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut src = MemorySource::new();
+    let mut put = |name: String, shape: &[usize], centre: f64, spread: f64| {
+        let t = Array::from_shape_simple_fn(shape, || centre + spread * (rng.random::<f64>() * 2.0 - 1.0));
+        src.insert(name, t, DType::F32);
+    };
+    let (h, i) = (config.hidden_size, config.intermediate_size);
+    put("model.embed_tokens.weight".into(), &[config.vocab_size, h], 0.0, 0.04);
+    put("lm_head.weight".into(), &[config.vocab_size, h], 0.0, 0.04);
+    put("model.norm.weight".into(), &[h], 1.0, 0.0);
+    for l in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        put(format!("{p}.input_layernorm.weight"), &[h], 1.0, 0.0);
+        put(format!("{p}.post_attention_layernorm.weight"), &[h], 1.0, 0.0);
+        for (m, d_out, d_in) in [
+            ("self_attn.q_proj", config.q_dim(), h),
+            ("self_attn.k_proj", config.kv_dim(), h),
+            ("self_attn.v_proj", config.kv_dim(), h),
+            ("self_attn.o_proj", h, config.q_dim()),
+            ("mlp.gate_proj", i, h),
+            ("mlp.up_proj", i, h),
+            ("mlp.down_proj", h, i),
+        ] {
+            put(format!("{p}.{m}.weight"), &[d_out, d_in], 0.0, 0.04);
+        }
+    }
+    let mut model = Model::from_source(config.clone(), &src).expect("consistent weights");
+    drop(src);
+    let mut lora = LoraConfig::new(16, 32.0, TargetModules::AllLinear);
+    lora.init = Init::Random { b_std: 0.01 };
+    model.add_lora(&lora).expect("all-linear matches");
+    let parallelism = if threads == 0 { Parallelism::Sequential } else { Parallelism::Threads(threads) };
+    model.with_parallelism(parallelism).expect("thread pool")
+}
+
+fn main() {
+    lora_train::retain_freed_memory();
+    let cfg = r#"{"model_type": "llama", "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
+            "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 8192}"#;
+    let config = ModelConfig::from_json(cfg, "bench").unwrap();
+    let model = random_model(&config, 2);
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let ids = Array2::from_shape_simple_fn((8, 256), || rng.random_range(0..config.vocab_size as u32));
+    let batch = Batch::new(ids).unwrap();
+    let steps: usize = std::env::args().nth(1).and_then(|v| v.parse().ok()).unwrap_or(6);
+    let (l, _) = model.loss_and_grads(&batch, StepOptions::default()).unwrap();
+    let mut walls = vec![];
+    let c0 = cpu();
+    for _ in 0..steps {
+        let t = Instant::now();
+        std::hint::black_box(model.loss_and_grads(&batch, StepOptions::default()).unwrap());
+        walls.push(t.elapsed().as_secs_f64());
+    }
+    let c = (cpu() - c0) / steps as f64;
+    walls.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "loss {:.6}, wall median {:.3} s, fastest {:.3} s, CPU {:.3} s per step",
+        l.mean(),
+        walls[steps / 2],
+        walls[0],
+        c
+    );
+}
