@@ -9,7 +9,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use lora_core::{DType, TensorInfo, TensorSource};
+use lora_core::{DType, Stored, TensorInfo, TensorSource};
 use lora_io::{Location, SafetensorsFile};
 use ndarray::ArrayD;
 
@@ -219,6 +219,16 @@ impl TensorSource for Checked<'_> {
     fn read_f64(&self, name: &str) -> lora_core::Result<ArrayD<f64>> {
         self.check(name)?;
         self.model.source().read_f64(name)
+    }
+
+    /// Unchecked, as the trait says: a caller that finds a non-finite value in what it decodes
+    /// reads the tensor again through `read_f32` / `read_f64` for the error or the warning.
+    fn stored(&self, name: &str) -> Option<Stored<'_>> {
+        self.model.source().stored(name)
+    }
+
+    fn release(&self, name: &str) {
+        self.model.source().release(name);
     }
 }
 
