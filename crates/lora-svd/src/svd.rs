@@ -31,15 +31,43 @@ impl SvdScalar for f64 {
 }
 
 mod private {
-    pub trait Sealed {}
-    impl Sealed for f32 {}
+    use ndarray::{Array2, ArrayRef2};
+
+    /// Seals [`super::SvdScalar`], and carries the products with thin matrices, which have a
+    /// kernel of their own in f32 ([`crate::thin`]); `None` means: use BLAS.
+    pub trait Sealed: Sized {
+        fn thin_mul(_a: &ArrayRef2<Self>, _x: &ArrayRef2<Self>) -> Option<Array2<Self>> {
+            None
+        }
+        fn thin_mul_t(_a: &ArrayRef2<Self>, _x: &ArrayRef2<Self>) -> Option<Array2<Self>> {
+            None
+        }
+    }
+    impl Sealed for f32 {
+        fn thin_mul(a: &ArrayRef2<f32>, x: &ArrayRef2<f32>) -> Option<Array2<f32>> {
+            crate::thin::mul(a, x)
+        }
+        fn thin_mul_t(a: &ArrayRef2<f32>, x: &ArrayRef2<f32>) -> Option<Array2<f32>> {
+            crate::thin::mul_t(a, x)
+        }
+    }
     impl Sealed for f64 {}
+}
+
+/// A X for a thin X.
+fn times<T: SvdScalar>(a: &ArrayRef2<T>, x: &Array2<T>) -> Array2<T> {
+    T::thin_mul(a, x).unwrap_or_else(|| a.dot(x))
+}
+
+/// Aᵀ X for a thin X.
+fn times_t<T: SvdScalar>(a: &ArrayRef2<T>, x: &Array2<T>) -> Array2<T> {
+    T::thin_mul_t(a, x).unwrap_or_else(|| a.t().dot(x))
 }
 
 /// Parameters of the randomized SVD.
 ///
 /// A sketch for rank k has `k + max(oversample, k)` columns (at least twice the rank: the
-/// extra columns matter more as k grows) and is refined by `power_iters` power iterations, each
+/// extra columns matter more as k grows), rounded up to a multiple of 16, and is refined by `power_iters` power iterations, each
 /// re-orthonormalised. The random test matrix is drawn from a ChaCha8 generator seeded by
 /// `seed`, so a run is reproducible.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,9 +81,10 @@ pub struct Randomized {
 }
 
 impl Randomized {
-    /// Columns of a sketch for rank `k`: `k + max(oversample, k)`.
+    /// Columns of a sketch for rank `k`: `k + max(oversample, k)`, rounded up to a multiple of
+    /// 16 (the width of the f32 kernels; a wider sketch is only more accurate).
     pub fn columns(&self, k: usize) -> usize {
-        k + self.oversample.max(k)
+        (k + self.oversample.max(k)).next_multiple_of(16)
     }
 }
 
@@ -347,13 +376,13 @@ struct Sketch<T> {
 fn sketch<T: SvdScalar>(a: &ArrayRef2<T>, l: usize, power_iters: usize, seed: u64) -> Result<Sketch<T>> {
     let n = a.ncols();
     let omega = gaussian::<T>(n, l, seed);
-    let mut q = orthonormalize(a.dot(&omega))?;
+    let mut q = orthonormalize(times(a, &omega))?;
     drop(omega);
     for _ in 0..power_iters {
-        let z = orthonormalize(a.t().dot(&q))?;
-        q = orthonormalize(a.dot(&z))?;
+        let z = orthonormalize(times_t(a, &q))?;
+        q = orthonormalize(times(a, &z))?;
     }
-    let b = q.t().dot(a);
+    let b = times_t(a, &q).reversed_axes();
     let b_energy = energy(&b);
     let (ub, sigma, vt) = small_svd(b)?;
     Ok(Sketch { q, ub, sigma, vt, b_energy })
