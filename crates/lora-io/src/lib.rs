@@ -49,6 +49,7 @@
 #![deny(missing_docs)]
 
 mod atomic;
+mod convert;
 mod error;
 mod format;
 mod gguf;
@@ -58,6 +59,7 @@ mod peft;
 mod st;
 
 pub use atomic::{rename_into_place, Existing};
+pub use convert::{convert_adapter, convert_streaming, ConvertOptions, Converted};
 pub use error::{Error, Location, Result};
 pub use format::{
     detect_format, read_adapter, read_adapter_with, write_adapter, write_adapter_with, Format, ReadOptions,
@@ -77,6 +79,8 @@ pub use st::{write_safetensors, PlannedTensor, SafetensorsFile, SafetensorsWrite
 
 #[cfg(test)]
 mod bounds_tests;
+#[cfg(test)]
+mod convert_tests;
 #[cfg(test)]
 mod golden_tests;
 #[cfg(test)]
