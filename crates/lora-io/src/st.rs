@@ -602,6 +602,31 @@ impl SafetensorsWriter {
         Ok(())
     }
 
+    /// Write the next tensor's rows in another order: `bytes` holds its rows as stored (in the
+    /// planned dtype) and `order[i]` is the stored row written i-th.
+    pub(crate) fn write_raw_rows(&mut self, name: &str, bytes: &[u8], order: &[usize]) -> Result<()> {
+        let planned = self.expect(name)?;
+        let rows = planned.shape.first().copied().unwrap_or(1);
+        let valid = bytes.len() == planned.byte_len() && order.len() == rows && order.iter().all(|&r| r < rows);
+        if !valid || rows == 0 {
+            return Err(Error::header(
+                Location::tensor(self.file.path(), name),
+                format!(
+                    "{} bytes in {} rows given, shape and dtype need {}",
+                    bytes.len(),
+                    order.len(),
+                    planned.byte_len()
+                ),
+            ));
+        }
+        let row = bytes.len() / rows;
+        for &r in order {
+            self.file.write_all(&bytes[r * row..(r + 1) * row])?;
+        }
+        self.next += 1;
+        Ok(())
+    }
+
     /// Write the next tensor's bytes as they are (little-endian, in the planned dtype).
     pub fn write_raw(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let planned = self.expect(name)?;
@@ -744,6 +769,16 @@ fn encode_piece<T: Scalar>(dtype: Dtype, values: &[T], out: &mut [u8]) -> std::r
         }
     }
     Ok(())
+}
+
+/// Decode the stored bytes of a float tensor to f32 (F64 rounded), as [`SafetensorsFile::tensor_f32`].
+pub(crate) fn decode_to_f32(d: DType, b: &[u8]) -> Vec<f32> {
+    decode_f32(st_dtype(d), b).unwrap_or_default()
+}
+
+/// [`convert_into`] for lora-core dtypes.
+pub(crate) fn convert_bytes(from: DType, bytes: &[u8], to: DType, out: &mut [u8]) -> std::result::Result<(), Encode> {
+    convert_into(st_dtype(from), bytes, st_dtype(to), out)
 }
 
 /// Convert little-endian `from` bytes to little-endian `to` bytes through f32, a block at a
