@@ -13,9 +13,13 @@ use crate::source::Model;
 /// Read an adapter in any format. A base model, when given, resolves kohya names and gives GGUF
 /// its head counts.
 pub fn read(path: &Path, base: Option<&Model>) -> Result<Adapter<f32>> {
-    let options =
-        ReadOptions { modules: base.map(Model::module_names), base_config: base.and_then(|b| b.config().cloned()) };
-    lora_io::read_adapter_with(path, &options).with_context(|| format!("cannot read the adapter {}", path.display()))
+    lora_io::read_adapter_with(path, &read_options(base))
+        .with_context(|| format!("cannot read the adapter {}", path.display()))
+}
+
+/// What reading an adapter takes from the base model: its module paths and config.json.
+pub fn read_options(base: Option<&Model>) -> ReadOptions {
+    ReadOptions { modules: base.map(Model::module_names), base_config: base.and_then(|b| b.config().cloned()) }
 }
 
 /// The same module with a new LoRA layer: kind and DoRA magnitude kept.

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use serde_json::json;
 
@@ -44,17 +44,43 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
 }
 
 /// Do the conversion; the summary is what `--json` prints.
+///
+/// The tensors are streamed from the input when lora-io can ([`lora_io::convert_streaming`]:
+/// stored bytes copied where no value changes); otherwise, and for every input it refuses, the
+/// adapter is read whole, checked and written, which reports what is wrong with the input before
+/// anything is written. Both write the same bytes.
 pub fn execute(args: &ConvertArgs) -> Result<serde_json::Value> {
     let base = args.base.as_deref().map(|p| open_model(p, "base")).transpose()?;
-    let adapter = crate::adapters::read(&args.input, base.as_ref())?;
-    if let Some(base) = &base {
-        lora_io::check_adapter_against_model(&adapter, base.source(), &args.input)?;
-    }
-    let from = lora_io::detect_format(&args.input)?;
-    let options = args.output.write_options(base.as_ref());
-    args.output.write(|path| Ok(lora_io::write_adapter_with(&adapter, path, args.to.into(), &options)?))?;
     let to = lora_io::Format::from(args.to);
-    Ok(
-        json!({"input": args.input, "from": from.name(), "to": to.name(), "out": args.output.out, "modules": adapter.len()}),
-    )
+    let options = lora_io::ConvertOptions {
+        read: crate::adapters::read_options(base.as_ref()),
+        write: args.output.write_options(base.as_ref()),
+        base: base.as_ref().map(|b| b.source()),
+    };
+    // `ran`: the output was staged; `declined`: lora-io left this input to the decoding path
+    let (mut ran, mut declined, mut streamed) = (false, false, None);
+    let attempt = args.output.write(|path| {
+        ran = true;
+        streamed = lora_io::convert_streaming(&args.input, path, to, &options)?;
+        declined = streamed.is_none();
+        if declined {
+            bail!("left to the decoding path");
+        }
+        Ok(())
+    });
+    let (from, modules) = match (attempt, streamed) {
+        (Ok(()), Some(c)) => (c.from, c.modules),
+        // writing failed (not the input): nothing to fall back on
+        (Err(e), _) if ran && !declined => return Err(e),
+        _ => {
+            let adapter = crate::adapters::read(&args.input, base.as_ref())?;
+            if let Some(base) = &base {
+                lora_io::check_adapter_against_model(&adapter, base.source(), &args.input)?;
+            }
+            let from = lora_io::detect_format(&args.input)?;
+            args.output.write(|path| Ok(lora_io::write_adapter_with(&adapter, path, to, &options.write)?))?;
+            (from, adapter.len())
+        }
+    };
+    Ok(json!({"input": args.input, "from": from.name(), "to": to.name(), "out": args.output.out, "modules": modules}))
 }

@@ -60,7 +60,7 @@ pub use dora::DoraLayer;
 pub use error::{Error, Result, ShapePattern};
 pub use layer::{Init, LoraLayer, Scaling, WeightLayout};
 pub use scalar::Scalar;
-pub use source::{read_matrix, DType, MemorySource, TensorInfo, TensorSource};
+pub use source::{read_matrix, DType, MemorySource, Stored, TensorInfo, TensorSource};
 
 #[cfg(test)]
 mod tests;

@@ -43,6 +43,39 @@ pub struct TensorInfo {
     pub dtype: DType,
 }
 
+/// A tensor's bytes as stored: little-endian `dtype` values in row-major order, borrowed from
+/// the source (a memory-mapped file). See [`TensorSource::stored`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored<'a> {
+    /// The stored element type.
+    pub dtype: DType,
+    /// The bytes, a whole number of elements.
+    pub bytes: &'a [u8],
+}
+
+impl Stored<'_> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.bytes.len() / self.dtype.size()
+    }
+
+    /// True when the tensor has no element.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Convert `out.len()` elements, starting at element `start`, into `out`: the same
+    /// conversion as [`TensorSource::read_f32`] and [`TensorSource::read_f64`] (exact, except
+    /// f64 to f32, which rounds to nearest).
+    ///
+    /// Panics when `start + out.len()` exceeds [`Stored::len`].
+    pub fn decode_into<T: Scalar>(&self, start: usize, out: &mut [T]) {
+        let width = self.dtype.size();
+        let bytes = &self.bytes[start * width..(start + out.len()) * width];
+        T::decode_le(self.dtype, bytes, out);
+    }
+}
+
 /// A read-only collection of named tensors, read one at a time.
 ///
 /// Implementations decode lazily: [`TensorSource::tensor_info`] must not touch tensor data, and
@@ -62,6 +95,20 @@ pub trait TensorSource: Sync {
     fn read_f64(&self, name: &str) -> Result<ArrayD<f64>> {
         Ok(self.read_f32(name)?.mapv(f64::from))
     }
+
+    /// The tensor's stored bytes, for a caller that decodes them in its own loop (extraction
+    /// decodes two models and subtracts in one pass, with no intermediate arrays). `None`, the
+    /// default, when the source does not hold the tensor as bytes: read it with
+    /// [`TensorSource::read_f32`] then. The bytes are not checked: wrappers that refuse NaN or
+    /// infinities on read do not see them, so the caller checks what it decodes.
+    fn stored(&self, _name: &str) -> Option<Stored<'_>> {
+        None
+    }
+
+    /// The caller is done with the bytes [`TensorSource::stored`] gave for this tensor: a
+    /// memory-mapped source drops them from the resident set (reads do this on their own). The
+    /// default does nothing.
+    fn release(&self, _name: &str) {}
 }
 
 /// Read a 2-D tensor in `T`; any other rank is an error naming the tensor.

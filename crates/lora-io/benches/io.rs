@@ -1,7 +1,8 @@
 //! lora-io throughput against copying the same bytes: a synthetic sharded f32 model folder
 //! (size from `LORA_IO_BENCH_MB`, default 64) is copied file by file with fsync (the baseline),
 //! rewritten raw with `write_model`, converted to bf16, decoded tensor by tensor, and a PEFT
-//! adapter of a quarter of that size is converted to GGUF.
+//! adapter of a quarter of that size is converted to GGUF and PEFT by decoding it whole (`read_peft`
+//! + `write_*`) and by `convert_adapter`'s streaming path (also to kohya and back).
 //!
 //! `LORA_IO_BENCH_MB=1024 cargo bench -p lora-io --bench io`; results go to docs/benchmarks.md.
 
@@ -13,8 +14,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use lora_core::{Adapter, AdapterConfig, AdapterModule, DType, Init, LoraLayer, Scaling, TargetModules, TensorSource};
 use lora_io::{
-    read_peft, write_gguf, write_model, write_peft, GgufOptions, ModelFolder, ModelWriteOptions, PeftWriteOptions,
-    PlannedTensor, SafetensorsWriter,
+    convert_adapter, read_peft, write_gguf, write_model, write_peft, ConvertOptions, Format, GgufOptions, ModelFolder,
+    ModelWriteOptions, PeftWriteOptions, PlannedTensor, SafetensorsWriter, WriteOptions,
 };
 use ndarray::Array2;
 
@@ -110,6 +111,7 @@ fn benches(c: &mut Criterion) {
     write_peft(&adapter, &peft, &PeftWriteOptions::default()).expect("peft");
     let adapter_bytes = std::fs::metadata(peft.join("adapter_model.safetensors")).expect("size").len();
     let opts = GgufOptions { architecture: "llama".into(), head_count: 32, head_count_kv: 32, dtype: None };
+    let config = serde_json::json!({"model_type": "llama", "num_attention_heads": 32, "num_key_value_heads": 32});
     let mut g = c.benchmark_group("adapter");
     g.sample_size(10);
     if small {
@@ -134,6 +136,19 @@ fn benches(c: &mut Criterion) {
             write_peft(&a, tmp.path().join("p2"), &PeftWriteOptions::default()).expect("peft");
         })
     });
+    // The same conversions through `convert_adapter`, which streams the stored bytes (and the
+    // kohya file it writes, converted back to PEFT).
+    let write = WriteOptions { dtype: None, base_config: Some(config.clone()) };
+    let options = ConvertOptions { write, ..ConvertOptions::default() };
+    let streamed = |to: Format, out: &Path, input: &Path| {
+        let done = convert_adapter(input, out, to, &options).expect("convert");
+        assert!(done.streamed, "the bench measures the streaming path");
+    };
+    g.bench_function("streamed_peft_to_gguf", |b| b.iter(|| streamed(Format::Gguf, &tmp.path().join("s.gguf"), &peft)));
+    g.bench_function("streamed_peft_to_peft", |b| b.iter(|| streamed(Format::Peft, &tmp.path().join("s2"), &peft)));
+    let kohya = tmp.path().join("s.safetensors");
+    g.bench_function("streamed_peft_to_kohya", |b| b.iter(|| streamed(Format::Kohya, &kohya, &peft)));
+    g.bench_function("streamed_kohya_to_peft", |b| b.iter(|| streamed(Format::Peft, &tmp.path().join("s3"), &kohya)));
     g.finish();
 }
 

@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 
 use lora_core::DType;
-use lora_io::{read_adapter_with, write_adapter_with, Format, ModelFolder, ReadOptions, WriteOptions};
+use lora_io::{convert_adapter, ConvertOptions, Format, ModelFolder, ReadOptions, WriteOptions};
 
 fn main() -> ExitCode {
     match run() {
@@ -48,8 +48,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             other => return Err(format!("unknown flag {other}").into()),
         }
     }
-    let adapter = read_adapter_with::<f32>(&args[0], &read)?;
-    write_adapter_with(&adapter, &args[1], format, &write)?;
-    eprintln!("wrote {} modules to {} ({format})", adapter.len(), args[1]);
+    let done = convert_adapter(&args[0], &args[1], format, &ConvertOptions { read, write, base: None })?;
+    let how = if done.streamed { "streamed" } else { "decoded" };
+    eprintln!("wrote {} modules to {} ({format}, {how})", done.modules, args[1]);
     Ok(())
 }

@@ -24,7 +24,7 @@ use serde_json::Value;
 
 use crate::atomic::AtomicFile;
 use crate::error::{Error, Location, Result};
-use crate::peft::{dtype_label, output_dtype, META_DTYPE};
+use crate::peft::{dtype_label, module_shapes, output_dtype, ModuleShape, META_DTYPE};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const VERSION: u32 = 3;
@@ -77,7 +77,11 @@ impl GgufOptions {
 
     /// From the metadata a GGUF reader left in an adapter.
     pub fn from_adapter<T: Scalar>(adapter: &Adapter<T>) -> Option<Self> {
-        let m = &adapter.config().metadata;
+        Self::from_metadata(&adapter.config().metadata)
+    }
+
+    /// From an adapter's metadata (see [`GgufOptions::from_adapter`]).
+    pub(crate) fn from_metadata(m: &std::collections::BTreeMap<String, String>) -> Option<Self> {
         Some(GgufOptions {
             architecture: m.get(META_ARCH)?.clone(),
             head_count: m.get(META_HEADS)?.parse().ok()?,
@@ -135,7 +139,7 @@ pub fn module_name(gguf: &str) -> Option<String> {
 
 /// llama.cpp's rotary permutation of the output rows of q (heads = n_head) and k (heads =
 /// n_head_kv): within each head, rows [first half; second half] become interleaved pairs.
-fn permute_rows<T: Scalar>(b: &ndarray::ArrayRef2<T>, heads: usize, inverse: bool) -> Option<Array2<T>> {
+pub(crate) fn permute_rows<T: Scalar>(b: &ndarray::ArrayRef2<T>, heads: usize, inverse: bool) -> Option<Array2<T>> {
     let rows = b.nrows();
     if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
         return None;
@@ -436,7 +440,16 @@ impl GgufFile {
             .map_err(|_| Error::header(Location::tensor(&self.path, name), "bad shape"))
     }
 
-    fn dtype(&self, name: &str) -> Option<DType> {
+    /// The stored bytes of a tensor (`open` checked that they lie in the file).
+    pub(crate) fn raw(&self, name: &str) -> Option<&[u8]> {
+        let t = self.tensors.get(name)?;
+        let n = t.dims.iter().try_fold(1usize, |a, &d| a.checked_mul(usize::try_from(d).ok()?))?;
+        let width = if t.ggml_type == GGML_F32 { 4 } else { 2 };
+        let start = self.data_start.checked_add(usize::try_from(t.offset).ok()?)?;
+        self.map.get(start..start.checked_add(width * n)?)
+    }
+
+    pub(crate) fn dtype(&self, name: &str) -> Option<DType> {
         match self.tensors.get(name)?.ggml_type {
             GGML_F32 => Some(DType::F32),
             GGML_F16 => Some(DType::F16),
@@ -568,8 +581,27 @@ pub fn read_gguf<T: Scalar>(path: impl AsRef<Path>, base_config: Option<&Value>)
         modules.push((module, layer));
     }
     let rank = modules.first().map_or(1, |(_, l): &(String, LoraLayer<T>)| l.rank());
-    let mut config =
-        AdapterConfig::new(rank, alpha, TargetModules::List(modules.iter().map(|(m, _)| m.clone()).collect()));
+    let names: Vec<String> = modules.iter().map(|(m, _)| m.clone()).collect();
+    let mut adapter = Adapter::new(adapter_config(rank, alpha, names, arch, heads, heads_kv, stored));
+    for (m, layer) in modules {
+        adapter
+            .insert(m.clone(), AdapterModule::linear(layer))
+            .map_err(|e| Error::core(Location::tensor(path, &m), e))?;
+    }
+    Ok(adapter)
+}
+
+/// The adapter config `read_gguf` gives a file.
+pub(crate) fn adapter_config(
+    rank: usize,
+    alpha: f64,
+    modules: Vec<String>,
+    arch: String,
+    heads: Option<usize>,
+    heads_kv: Option<usize>,
+    stored: Option<DType>,
+) -> AdapterConfig {
+    let mut config = AdapterConfig::new(rank, alpha, TargetModules::List(modules));
     let metadata = &mut config.metadata;
     metadata.insert(META_ARCH.to_string(), arch);
     if let (Some(h), Some(hk)) = (heads, heads_kv) {
@@ -579,13 +611,123 @@ pub fn read_gguf<T: Scalar>(path: impl AsRef<Path>, base_config: Option<&Value>)
     if let Some(d) = stored {
         metadata.insert(META_DTYPE.to_string(), dtype_label(d).to_string());
     }
-    let mut adapter = Adapter::new(config);
-    for (m, layer) in modules {
-        adapter
-            .insert(m.clone(), AdapterModule::linear(layer))
-            .map_err(|e| Error::core(Location::tensor(path, &m), e))?;
+    config
+}
+
+/// The source row of every row of [`permute_rows`]'s output (`None` where it refuses).
+pub(crate) fn row_sources(rows: usize, heads: usize, inverse: bool) -> Option<Vec<usize>> {
+    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+        return None;
     }
-    Ok(adapter)
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    let mut out = vec![0; rows];
+    for h in 0..heads {
+        for t in 0..2 {
+            for j in 0..half {
+                let old = h * head_dim + t * half + j;
+                let new = h * head_dim + j * 2 + t;
+                let (src, dst) = if inverse { (new, old) } else { (old, new) };
+                out[dst] = src;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// The head count whose rotary permutation the rows of this base tensor's lora_b get (q and k
+/// of the `llama` architecture), if any.
+pub(crate) fn permuted_heads(base: &str, options: &GgufOptions) -> Option<usize> {
+    let heads = if base.ends_with(".attn_q") {
+        Some(options.head_count)
+    } else if base.ends_with(".attn_k") {
+        Some(options.head_count_kv)
+    } else {
+        None
+    };
+    heads.filter(|_| options.permutes_qk())
+}
+
+/// The stored dtype of a GGUF file: F32, F16 or BF16 (F64 is written as F32), its ggml type
+/// and its width.
+pub(crate) fn stored_type(dtype: DType) -> (DType, u32, u64) {
+    match dtype {
+        DType::F16 => (DType::F16, GGML_F16, 2),
+        DType::BF16 => (DType::BF16, GGML_BF16, 2),
+        _ => (DType::F32, GGML_F32, 4),
+    }
+}
+
+/// The one alpha of a GGUF file written for this config: the default module's scale in
+/// alpha / r terms (the rank when that is not a positive number).
+pub(crate) fn file_alpha(cfg: &AdapterConfig) -> f64 {
+    let alpha = Scaling::Standard.alpha_for_scale(cfg.scaling.scale(cfg.alpha, cfg.rank), cfg.rank);
+    if alpha.is_finite() && alpha > 0.0 {
+        alpha
+    } else {
+        cfg.rank as f64
+    }
+}
+
+/// The factor folded into a module's lora_b: s_module r / alpha_file.
+pub(crate) fn b_factor(m: &ModuleShape<'_>, alpha: f64) -> f64 {
+    m.scale() / Scaling::Standard.scale(alpha, m.rank)
+}
+
+/// The header of a GGUF adapter file, padded to the alignment: metadata and tensor infos for
+/// tensors of (name, rows, cols), each padded to the alignment in the data.
+pub(crate) fn header(options: &GgufOptions, alpha: f64, tensors: &[(String, usize, usize)], ggml_type: u32) -> Vec<u8> {
+    let elem: u64 = if ggml_type == GGML_F32 { 4 } else { 2 };
+    let arch = options.architecture.as_str();
+    let mut header = Vec::new();
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&VERSION.to_le_bytes());
+    header.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    let kvs: Vec<(String, GgufValue)> = vec![
+        ("general.architecture".into(), GgufValue::String(arch.into())),
+        ("general.type".into(), GgufValue::String("adapter".into())),
+        ("adapter.type".into(), GgufValue::String("lora".into())),
+        ("adapter.lora.alpha".into(), GgufValue::Float(alpha)),
+        (format!("{arch}.attention.head_count"), GgufValue::Uint(options.head_count as u64)),
+        (format!("{arch}.attention.head_count_kv"), GgufValue::Uint(options.head_count_kv as u64)),
+    ];
+    header.extend_from_slice(&(kvs.len() as u64).to_le_bytes());
+    for (k, v) in &kvs {
+        put_string(&mut header, k);
+        match v {
+            GgufValue::String(s) => {
+                header.extend_from_slice(&8u32.to_le_bytes());
+                put_string(&mut header, s);
+            }
+            GgufValue::Float(f) => {
+                header.extend_from_slice(&6u32.to_le_bytes());
+                header.extend_from_slice(&(*f as f32).to_le_bytes());
+            }
+            GgufValue::Uint(u) => {
+                header.extend_from_slice(&4u32.to_le_bytes());
+                header.extend_from_slice(&(*u as u32).to_le_bytes());
+            }
+            _ => unreachable!("only the kinds above are written"),
+        }
+    }
+    let mut offset = 0u64;
+    for (name, rows, cols) in tensors {
+        put_string(&mut header, name);
+        header.extend_from_slice(&2u32.to_le_bytes());
+        // GGUF dims are numpy's reversed: (rows, cols) is stored as [cols, rows].
+        header.extend_from_slice(&(*cols as u64).to_le_bytes());
+        header.extend_from_slice(&(*rows as u64).to_le_bytes());
+        header.extend_from_slice(&ggml_type.to_le_bytes());
+        header.extend_from_slice(&offset.to_le_bytes());
+        offset += ((rows * cols) as u64 * elem).div_ceil(ALIGNMENT) * ALIGNMENT;
+    }
+    pad(&mut header);
+    header
+}
+
+/// The zero bytes that follow `len` bytes of tensor data up to the alignment.
+pub(crate) fn padding(len: usize) -> &'static [u8] {
+    &[0u8; ALIGNMENT as usize][..len.next_multiple_of(ALIGNMENT as usize) - len]
 }
 
 struct OutTensor<'a, T> {
@@ -620,14 +762,10 @@ pub fn write_gguf<T: Scalar>(adapter: &Adapter<T>, path: impl AsRef<Path>, optio
             "GGUF adapters are for Llama-family models; fan_in_fan_out is GPT-2's",
         ));
     }
-    let dtype = match output_dtype(adapter, options.dtype) {
-        DType::F64 => DType::F32,
-        d => d,
-    };
-    let alpha = Scaling::Standard.alpha_for_scale(cfg.scaling.scale(cfg.alpha, cfg.rank), cfg.rank);
-    let alpha = if alpha.is_finite() && alpha > 0.0 { alpha } else { cfg.rank as f64 };
+    let (dtype, ggml_type, elem) = stored_type(output_dtype(adapter, options.dtype));
+    let alpha = file_alpha(cfg);
     let mut out: Vec<OutTensor<'_, T>> = Vec::new();
-    for (name, m) in adapter.modules() {
+    for ((name, m), shape) in adapter.modules().iter().zip(module_shapes(adapter)) {
         if m.kind() == ModuleKind::Embedding {
             return Err(Error::unsupported(Location::tensor(path, name), "GGUF adapters cannot hold embedding LoRA"));
         }
@@ -637,7 +775,7 @@ pub fn write_gguf<T: Scalar>(adapter: &Adapter<T>, path: impl AsRef<Path>, optio
         })?;
         // llama.cpp's scale is alpha_file / r: fold s_module r / alpha_file into lora_b.
         let layer = m.layer();
-        let factor = layer.scale() / Scaling::Standard.scale(alpha, layer.rank());
+        let factor = b_factor(&shape, alpha);
         if !factor.is_finite() {
             return Err(Error::core(Location::tensor(path, name), lora_core::Error::NonFiniteFactor { factor }));
         }
@@ -646,14 +784,7 @@ pub fn write_gguf<T: Scalar>(adapter: &Adapter<T>, path: impl AsRef<Path>, optio
         } else {
             ndarray::CowArray::from(layer.b() * T::from_f64(factor))
         };
-        let heads = if base.ends_with(".attn_q") {
-            Some(options.head_count)
-        } else if base.ends_with(".attn_k") {
-            Some(options.head_count_kv)
-        } else {
-            None
-        };
-        if let (Some(h), true) = (heads, options.permutes_qk()) {
+        if let Some(h) = permuted_heads(&base, options) {
             let permuted = permute_rows(&b, h, false).ok_or_else(|| Error::Shape {
                 at: Location::tensor(path, name),
                 expected: format!("lora_B rows divisible by 2 x {h} heads"),
@@ -665,55 +796,9 @@ pub fn write_gguf<T: Scalar>(adapter: &Adapter<T>, path: impl AsRef<Path>, optio
         out.push(OutTensor { name: format!("{base}.weight.lora_b"), data: b });
     }
 
-    let (ggml_type, elem) = match dtype {
-        DType::F16 => (GGML_F16, 2u64),
-        DType::BF16 => (GGML_BF16, 2),
-        _ => (GGML_F32, 4),
-    };
-    let arch = options.architecture.as_str();
-    let mut header = Vec::new();
-    header.extend_from_slice(MAGIC);
-    header.extend_from_slice(&VERSION.to_le_bytes());
-    header.extend_from_slice(&(out.len() as u64).to_le_bytes());
-    let kvs: Vec<(String, GgufValue)> = vec![
-        ("general.architecture".into(), GgufValue::String(arch.into())),
-        ("general.type".into(), GgufValue::String("adapter".into())),
-        ("adapter.type".into(), GgufValue::String("lora".into())),
-        ("adapter.lora.alpha".into(), GgufValue::Float(alpha)),
-        (format!("{arch}.attention.head_count"), GgufValue::Uint(options.head_count as u64)),
-        (format!("{arch}.attention.head_count_kv"), GgufValue::Uint(options.head_count_kv as u64)),
-    ];
-    header.extend_from_slice(&(kvs.len() as u64).to_le_bytes());
-    for (k, v) in &kvs {
-        put_string(&mut header, k);
-        match v {
-            GgufValue::String(s) => {
-                header.extend_from_slice(&8u32.to_le_bytes());
-                put_string(&mut header, s);
-            }
-            GgufValue::Float(f) => {
-                header.extend_from_slice(&6u32.to_le_bytes());
-                header.extend_from_slice(&(*f as f32).to_le_bytes());
-            }
-            GgufValue::Uint(u) => {
-                header.extend_from_slice(&4u32.to_le_bytes());
-                header.extend_from_slice(&(*u as u32).to_le_bytes());
-            }
-            _ => unreachable!("only the kinds above are written"),
-        }
-    }
-    let mut offset = 0u64;
-    for t in &out {
-        put_string(&mut header, &t.name);
-        header.extend_from_slice(&2u32.to_le_bytes());
-        // GGUF dims are numpy's reversed: (rows, cols) is stored as [cols, rows].
-        header.extend_from_slice(&(t.data.ncols() as u64).to_le_bytes());
-        header.extend_from_slice(&(t.data.nrows() as u64).to_le_bytes());
-        header.extend_from_slice(&ggml_type.to_le_bytes());
-        header.extend_from_slice(&offset.to_le_bytes());
-        offset += (t.data.len() as u64 * elem).div_ceil(ALIGNMENT) * ALIGNMENT;
-    }
-    pad(&mut header);
+    let infos: Vec<(String, usize, usize)> =
+        out.iter().map(|t| (t.name.clone(), t.data.nrows(), t.data.ncols())).collect();
+    let header = header(options, alpha, &infos, ggml_type);
     let mut f = AtomicFile::create(path)?;
     f.write_all(&header)?;
     let (st_type, width) = (crate::st::st_dtype(dtype), elem as usize);
@@ -726,8 +811,7 @@ pub fn write_gguf<T: Scalar>(adapter: &Adapter<T>, path: impl AsRef<Path>, optio
                 crate::st::encode_error(e, Location::tensor(path, &t.name), start, t.data.shape(), st_type)
             })
         })?;
-        let padding = (values.len() * width).next_multiple_of(ALIGNMENT as usize) - values.len() * width;
-        f.write_all(&[0u8; ALIGNMENT as usize][..padding])?;
+        f.write_all(padding(values.len() * width))?;
     }
     f.commit()
 }

@@ -20,7 +20,7 @@ use lora_core::{
 use ndarray::Array2;
 
 use crate::error::{Error, Location, Result};
-use crate::peft::{dtype_label, file_metadata, output_dtype, read_2d, META_DTYPE};
+use crate::peft::{dtype_label, file_metadata, module_shapes, output_dtype, read_2d, ModuleShape, META_DTYPE};
 use crate::st::{PlannedTensor, SafetensorsFile, SafetensorsWriter};
 
 /// Metadata key holding the JSON list of module paths, in key order.
@@ -99,41 +99,57 @@ pub fn write_kohya<T: Scalar>(adapter: &Adapter<T>, path: impl AsRef<Path>, opti
         return refuse(Some(name), "embedding LoRA (lora_embedding_A/B)");
     }
     let dtype = output_dtype(adapter, options.dtype);
+    let shapes = module_shapes(adapter);
+    let (keys, mut w) = kohya_writer(path, cfg, &shapes, &options.prefix, dtype)?;
+    for ((key, m), shape) in keys.iter().zip(adapter.modules().values()).zip(&shapes) {
+        let layer = m.layer();
+        w.write(&format!("{key}.lora_down.weight"), layer.a())?;
+        w.write(&format!("{key}.lora_up.weight"), layer.b())?;
+        w.write(&format!("{key}.alpha"), &ndarray::arr0(module_alpha(shape)))?;
+    }
+    w.finish()
+}
+
+/// kohya's scale is alpha / r: the alpha that keeps a module's scale.
+pub(crate) fn module_alpha(m: &ModuleShape<'_>) -> f64 {
+    Scaling::Standard.alpha_for_scale(m.scale(), m.rank)
+}
+
+/// The module keys (`<prefix>_<flat path>`) and a writer of a kohya file for these modules, with
+/// its header and metadata; the tensors follow, per module: lora_down, lora_up, alpha (F32).
+pub(crate) fn kohya_writer(
+    path: &Path,
+    cfg: &AdapterConfig,
+    modules: &[ModuleShape<'_>],
+    prefix: &str,
+    dtype: DType,
+) -> Result<(Vec<String>, SafetensorsWriter)> {
     let mut seen: BTreeMap<String, &str> = BTreeMap::new();
     let mut plan = Vec::new();
     let mut keys = Vec::new();
-    for (name, m) in adapter.modules() {
-        let key = format!("{}_{}", options.prefix, flatten(name));
+    for m in modules {
+        let name = m.name;
+        let key = format!("{prefix}_{}", flatten(name));
         if let Some(other) = seen.insert(key.clone(), name) {
             return Err(Error::Ambiguous {
                 at: Location::tensor(path, name),
                 reason: format!("modules {other} and {name} have the same kohya name {key}"),
             });
         }
-        let layer = m.layer();
-        plan.push(PlannedTensor::new(format!("{key}.lora_down.weight"), layer.a().shape(), dtype));
-        plan.push(PlannedTensor::new(format!("{key}.lora_up.weight"), layer.b().shape(), dtype));
+        plan.push(PlannedTensor::new(format!("{key}.lora_down.weight"), &[m.rank, m.d_in], dtype));
+        plan.push(PlannedTensor::new(format!("{key}.lora_up.weight"), &[m.d_out, m.rank], dtype));
         plan.push(PlannedTensor::new(format!("{key}.alpha"), &[], DType::F32));
         keys.push(key);
     }
-    let mut metadata = file_metadata(adapter);
+    let mut metadata = file_metadata(cfg);
     metadata.remove("format");
     let network_alpha = Scaling::Standard.alpha_for_scale(cfg.scaling.scale(cfg.alpha, cfg.rank), cfg.rank);
     metadata.insert("ss_network_module".into(), "networks.lora".into());
     metadata.insert("ss_network_dim".into(), cfg.rank.to_string());
     metadata.insert("ss_network_alpha".into(), format_number(network_alpha));
-    let paths: Vec<&String> = adapter.modules().keys().collect();
+    let paths: Vec<&str> = modules.iter().map(|m| m.name).collect();
     metadata.insert(META_MODULE_PATHS.into(), serde_json::to_string(&paths).expect("strings serialise"));
-    let mut w = SafetensorsWriter::create(path, plan, &metadata)?;
-    for (key, m) in keys.iter().zip(adapter.modules().values()) {
-        let layer = m.layer();
-        // kohya's scale is alpha / r: the alpha that keeps this module's scale.
-        let alpha = Scaling::Standard.alpha_for_scale(layer.scale(), layer.rank());
-        w.write(&format!("{key}.lora_down.weight"), layer.a())?;
-        w.write(&format!("{key}.lora_up.weight"), layer.b())?;
-        w.write(&format!("{key}.alpha"), &ndarray::arr0(alpha))?;
-    }
-    w.finish()
+    Ok((keys, SafetensorsWriter::create(path, plan, &metadata)?))
 }
 
 fn format_number(v: f64) -> String {
@@ -145,18 +161,16 @@ fn format_number(v: f64) -> String {
 }
 
 #[derive(Default)]
-struct Group {
-    down: Option<String>,
-    up: Option<String>,
-    alpha: Option<String>,
+pub(crate) struct Group {
+    pub down: Option<String>,
+    pub up: Option<String>,
+    pub alpha: Option<String>,
 }
 
-/// Read a kohya file. Every module name is mapped back to a module path with `resolver` (and
-/// the paths recorded by this crate's writer); a name that matches no path, or more than one,
-/// is an error naming the tensor and the candidates.
-pub fn read_kohya<T: Scalar>(path: impl AsRef<Path>, resolver: &ModuleResolver) -> Result<Adapter<T>> {
-    let path = path.as_ref();
-    let file = SafetensorsFile::open(path)?;
+/// The module paths kohya names may stand for: those recorded in the file and the resolver's,
+/// sorted, without duplicates.
+pub(crate) fn module_candidates(file: &SafetensorsFile, resolver: &ModuleResolver) -> Result<Vec<String>> {
+    let path = file.path();
     let mut candidates: Vec<String> = Vec::new();
     if let Some(text) = file.metadata().get(META_MODULE_PATHS) {
         let listed: Vec<String> = serde_json::from_str(text).map_err(|e| {
@@ -172,11 +186,21 @@ pub fn read_kohya<T: Scalar>(path: impl AsRef<Path>, resolver: &ModuleResolver) 
     }
     candidates.sort();
     candidates.dedup();
+    Ok(candidates)
+}
+
+/// The candidates by their flat (kohya) form.
+pub(crate) fn by_flat(candidates: &[String]) -> BTreeMap<String, Vec<&str>> {
     let mut by_flat: BTreeMap<String, Vec<&str>> = BTreeMap::new();
-    for c in &candidates {
+    for c in candidates {
         by_flat.entry(flatten(c)).or_default().push(c);
     }
+    by_flat
+}
 
+/// The file's keys grouped by module name (`<prefix>_<flat path>`), in file order.
+pub(crate) fn groups(file: &SafetensorsFile) -> Result<IndexMap<String, Group>> {
+    let path = file.path();
     let mut groups: IndexMap<String, Group> = IndexMap::new();
     for key in file.names() {
         let (base, slot) = if let Some(b) = key.strip_suffix(".lora_down.weight") {
@@ -201,6 +225,18 @@ pub fn read_kohya<T: Scalar>(path: impl AsRef<Path>, resolver: &ModuleResolver) 
         };
         *s = Some(key.to_string());
     }
+    Ok(groups)
+}
+
+/// Read a kohya file. Every module name is mapped back to a module path with `resolver` (and
+/// the paths recorded by this crate's writer); a name that matches no path, or more than one,
+/// is an error naming the tensor and the candidates.
+pub fn read_kohya<T: Scalar>(path: impl AsRef<Path>, resolver: &ModuleResolver) -> Result<Adapter<T>> {
+    let path = path.as_ref();
+    let file = SafetensorsFile::open(path)?;
+    let candidates = module_candidates(&file, resolver)?;
+    let by_flat = by_flat(&candidates);
+    let groups = groups(&file)?;
 
     let mut modules: Vec<(String, LoraLayer<T>)> = Vec::new();
     let mut stored_dtype = None;
@@ -258,29 +294,39 @@ pub fn read_kohya<T: Scalar>(path: impl AsRef<Path>, resolver: &ModuleResolver) 
         modules.push((module, layer));
     }
 
-    let meta = file.metadata();
-    let parse = |k: &str| meta.get(k).and_then(|v| v.trim().parse::<f64>().ok()).filter(|v| v.is_finite());
-    // ss_network_dim is the default rank only when some module has it: a claim that no tensor
-    // backs (ss_network_dim = 1e300) is ignored.
-    let rank = parse("ss_network_dim")
-        .map(|v| v as usize)
-        .filter(|&r| modules.iter().any(|(_, l)| l.rank() == r))
-        .or_else(|| most_common(modules.iter().map(|(_, l)| l.rank())))
-        .unwrap_or(1);
-    let alpha = parse("ss_network_alpha").or_else(|| modules.first().map(|(_, l)| l.alpha())).unwrap_or(rank as f64);
-    let mut config =
-        AdapterConfig::new(rank, alpha, TargetModules::List(modules.iter().map(|(m, _)| m.clone()).collect()));
-    config.metadata = meta.clone();
-    if let Some(d) = stored_dtype {
-        config.metadata.insert(META_DTYPE.into(), dtype_label(d).into());
-    }
-    let mut adapter = Adapter::new(config);
+    let summary: Vec<(&str, usize, f64)> = modules.iter().map(|(m, l)| (m.as_str(), l.rank(), l.alpha())).collect();
+    let mut adapter = Adapter::new(adapter_config(file.metadata(), &summary, stored_dtype));
     for (m, layer) in modules {
         adapter
             .insert(m.clone(), AdapterModule::linear(layer))
             .map_err(|e| Error::core(Location::tensor(path, &m), e))?;
     }
     Ok(adapter)
+}
+
+/// The adapter config `read_kohya` gives a file with this `__metadata__` and these modules
+/// (path, rank, alpha), whose first lora_down is stored in `stored_dtype`.
+pub(crate) fn adapter_config(
+    meta: &BTreeMap<String, String>,
+    modules: &[(&str, usize, f64)],
+    stored_dtype: Option<DType>,
+) -> AdapterConfig {
+    let parse = |k: &str| meta.get(k).and_then(|v| v.trim().parse::<f64>().ok()).filter(|v| v.is_finite());
+    // ss_network_dim is the default rank only when some module has it: a claim that no tensor
+    // backs (ss_network_dim = 1e300) is ignored.
+    let rank = parse("ss_network_dim")
+        .map(|v| v as usize)
+        .filter(|&r| modules.iter().any(|m| m.1 == r))
+        .or_else(|| most_common(modules.iter().map(|m| m.1)))
+        .unwrap_or(1);
+    let alpha = parse("ss_network_alpha").or_else(|| modules.first().map(|m| m.2)).unwrap_or(rank as f64);
+    let mut config =
+        AdapterConfig::new(rank, alpha, TargetModules::List(modules.iter().map(|m| m.0.to_string()).collect()));
+    config.metadata = meta.clone();
+    if let Some(d) = stored_dtype {
+        config.metadata.insert(META_DTYPE.into(), dtype_label(d).into());
+    }
+    config
 }
 
 fn most_common(it: impl Iterator<Item = usize>) -> Option<usize> {
@@ -291,7 +337,7 @@ fn most_common(it: impl Iterator<Item = usize>) -> Option<usize> {
     counts.into_iter().max_by_key(|&(r, c)| (c, std::cmp::Reverse(r))).map(|(r, _)| r)
 }
 
-fn resolve(
+pub(crate) fn resolve(
     path: &Path,
     tensor: &str,
     base: &str,

@@ -3,6 +3,9 @@
 //!
 //! Every reader produces lora-core's format-neutral [`Adapter`](lora_core::Adapter) and every
 //! writer takes one, so converting is reading in one format and writing in another.
+//! [`convert_adapter`] gives the same bytes without decoding the whole adapter: it validates the
+//! headers, then copies each tensor's stored bytes from the memory-mapped input when no value
+//! changes, and falls back to reading and writing for anything else.
 //!
 //! # Design
 //! - Zero-copy until decode: safetensors and GGUF files are memory-mapped, headers validated on
@@ -45,10 +48,11 @@
 //! - model folders: [`ModelFolder`] (single or sharded, a `TensorSource`), [`write_model`].
 //! - adapters: [`read_peft`] / [`write_peft`] with [`PeftConfig`], [`read_kohya`] /
 //!   [`write_kohya`], [`read_gguf`] / [`write_gguf`] with [`GgufFile`]; [`detect_format`],
-//!   [`read_adapter`], [`write_adapter`].
+//!   [`read_adapter`], [`write_adapter`]; [`convert_adapter`] (streamed where it can be).
 #![deny(missing_docs)]
 
 mod atomic;
+mod convert;
 mod error;
 mod format;
 mod gguf;
@@ -58,6 +62,7 @@ mod peft;
 mod st;
 
 pub use atomic::{rename_into_place, Existing};
+pub use convert::{convert_adapter, convert_streaming, ConvertOptions, Converted};
 pub use error::{Error, Location, Result};
 pub use format::{
     detect_format, read_adapter, read_adapter_with, write_adapter, write_adapter_with, Format, ReadOptions,
@@ -77,6 +82,8 @@ pub use st::{write_safetensors, PlannedTensor, SafetensorsFile, SafetensorsWrite
 
 #[cfg(test)]
 mod bounds_tests;
+#[cfg(test)]
+mod convert_tests;
 #[cfg(test)]
 mod golden_tests;
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use indexmap::IndexMap;
-use lora_core::{DType, TensorInfo, TensorSource};
+use lora_core::{DType, Stored, TensorInfo, TensorSource};
 use ndarray::ArrayD;
 use serde_json::Value;
 
@@ -162,6 +162,16 @@ impl TensorSource for ModelFolder {
 
     fn read_f64(&self, name: &str) -> lora_core::Result<ArrayD<f64>> {
         Ok(self.file(name)?.tensor_f64(name)?)
+    }
+
+    fn stored(&self, name: &str) -> Option<Stored<'_>> {
+        self.file_of(name)?.stored(name)
+    }
+
+    fn release(&self, name: &str) {
+        if let Some(file) = self.file_of(name) {
+            file.release(name);
+        }
     }
 }
 

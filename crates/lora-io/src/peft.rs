@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use indexmap::IndexMap;
-use lora_core::{Adapter, AdapterConfig, AdapterModule, DType, DoraLayer, LoraLayer, Scalar, Scaling, TargetModules};
+use lora_core::{
+    Adapter, AdapterConfig, AdapterModule, DType, DoraLayer, LoraLayer, ModuleKind, Scalar, Scaling, TargetModules,
+};
 use ndarray::{Array1, Array2, Ix1, Ix2};
 use rayon::prelude::*;
 use regex::Regex;
@@ -258,7 +260,7 @@ fn integral(v: Option<&mut Value>) {
 }
 
 /// PEFT's list rule: a name matches a module path equal to it or ending in `.name`.
-fn list_matches(name: &str, module: &str) -> bool {
+pub(crate) fn list_matches(name: &str, module: &str) -> bool {
     module == name || module.ends_with(&format!(".{name}"))
 }
 
@@ -279,7 +281,7 @@ fn pattern_value<'a>(pattern: &'a Map<String, Value>, module: &str) -> std::resu
 
 /// What a tensor key of a PEFT file is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Part {
+pub(crate) enum Part {
     A,
     B,
     EmbA,
@@ -298,12 +300,12 @@ const SUFFIXES: [(&str, Part); 8] = [
     (".lora_magnitude_vector.weight", Part::Magnitude),
 ];
 
-fn split_key(key: &str) -> Option<(&str, Part)> {
+pub(crate) fn split_key(key: &str) -> Option<(&str, Part)> {
     SUFFIXES.iter().find_map(|(suffix, part)| key.strip_suffix(suffix).map(|m| (m, *part)))
 }
 
 /// The folder of a PEFT adapter given the folder or a file in it.
-fn adapter_dir(path: &Path) -> PathBuf {
+pub(crate) fn adapter_dir(path: &Path) -> PathBuf {
     if path.is_file() {
         path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
     } else {
@@ -401,29 +403,9 @@ pub fn read_peft<T: Scalar>(path: impl AsRef<Path>) -> Result<Adapter<T>> {
     }
 
     let scaling = if pc.use_rslora { Scaling::RsLora } else { Scaling::Standard };
-    let mut metadata: BTreeMap<String, String> = file.metadata().clone();
-    metadata.insert(META_PEFT_CONFIG.into(), config_text.clone());
     // The stored dtype of the factors, recorded so that writers keep it.
     let stored_dtype = modules.values().find_map(|p| p.a.as_ref().or(p.ea.as_ref())).and_then(|k| file.dtype(k));
-    if let Some(d) = stored_dtype {
-        metadata.insert(META_DTYPE.into(), dtype_label(d).into());
-    }
-    let config = AdapterConfig {
-        base_model: pc.base_model_name_or_path.clone(),
-        target_modules: match &pc.target_modules {
-            Some(TargetModulesJson::List(l)) => TargetModules::List(l.clone()),
-            Some(TargetModulesJson::Regex(s)) if s == "all-linear" => TargetModules::AllLinear,
-            Some(TargetModulesJson::Regex(s)) => TargetModules::Regex(s.clone()),
-            None => TargetModules::List(modules.keys().cloned().collect()),
-        },
-        rank: pc.r,
-        alpha: pc.lora_alpha,
-        scaling,
-        use_dora: pc.use_dora,
-        fan_in_fan_out: pc.fan_in_fan_out,
-        modules_to_save: mts.clone(),
-        metadata,
-    };
+    let config = adapter_config(&pc, &file, &config_text, modules.keys(), stored_dtype);
     let mut adapter = Adapter::<T>::new(config);
 
     // Modules are decoded and validated in parallel (rayon's pool), then inserted in file order;
@@ -528,6 +510,38 @@ pub fn read_peft<T: Scalar>(path: impl AsRef<Path>) -> Result<Adapter<T>> {
     Ok(adapter)
 }
 
+/// The adapter config `read_peft` gives a PEFT file: `pc`'s fields, the file's `__metadata__`,
+/// the config text under [`META_PEFT_CONFIG`] and the stored dtype under [`META_DTYPE`].
+pub(crate) fn adapter_config<'a>(
+    pc: &PeftConfig,
+    file: &SafetensorsFile,
+    config_text: &str,
+    modules: impl Iterator<Item = &'a String>,
+    stored_dtype: Option<DType>,
+) -> AdapterConfig {
+    let mut metadata: BTreeMap<String, String> = file.metadata().clone();
+    metadata.insert(META_PEFT_CONFIG.into(), config_text.to_string());
+    if let Some(d) = stored_dtype {
+        metadata.insert(META_DTYPE.into(), dtype_label(d).into());
+    }
+    AdapterConfig {
+        base_model: pc.base_model_name_or_path.clone(),
+        target_modules: match &pc.target_modules {
+            Some(TargetModulesJson::List(l)) => TargetModules::List(l.clone()),
+            Some(TargetModulesJson::Regex(s)) if s == "all-linear" => TargetModules::AllLinear,
+            Some(TargetModulesJson::Regex(s)) => TargetModules::Regex(s.clone()),
+            None => TargetModules::List(modules.cloned().collect()),
+        },
+        rank: pc.r,
+        alpha: pc.lora_alpha,
+        scaling: if pc.use_rslora { Scaling::RsLora } else { Scaling::Standard },
+        use_dora: pc.use_dora,
+        fan_in_fan_out: pc.fan_in_fan_out,
+        modules_to_save: pc.modules_to_save.clone().unwrap_or_default(),
+        metadata,
+    }
+}
+
 pub(crate) fn dtype_label(d: DType) -> &'static str {
     match d {
         DType::F16 => "F16",
@@ -549,17 +563,66 @@ pub(crate) fn parse_dtype_label(s: &str) -> Option<DType> {
 
 /// The dtype to write: the one asked for, else the one the reader recorded, else F32.
 pub(crate) fn output_dtype<T: Scalar>(adapter: &Adapter<T>, asked: Option<DType>) -> DType {
-    asked.or_else(|| adapter.config().metadata.get(META_DTYPE).and_then(|s| parse_dtype_label(s))).unwrap_or(DType::F32)
+    output_dtype_of(adapter.config(), asked)
+}
+
+/// [`output_dtype`] from the config alone.
+pub(crate) fn output_dtype_of(config: &AdapterConfig, asked: Option<DType>) -> DType {
+    asked.or_else(|| config.metadata.get(META_DTYPE).and_then(|s| parse_dtype_label(s))).unwrap_or(DType::F32)
 }
 
 /// The `__metadata__` a writer puts in a file: the adapter's metadata without lora-io's own keys.
-pub(crate) fn file_metadata<T: Scalar>(adapter: &Adapter<T>) -> BTreeMap<String, String> {
+pub(crate) fn file_metadata(config: &AdapterConfig) -> BTreeMap<String, String> {
+    config.metadata.iter().filter(|(k, _)| !k.starts_with("lora_io.")).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// The `__metadata__` of a PEFT weights file: [`file_metadata`] without kohya's `ss_` keys,
+/// with `format = pt`.
+pub(crate) fn peft_file_metadata(config: &AdapterConfig) -> BTreeMap<String, String> {
+    let mut metadata = file_metadata(config);
+    metadata.retain(|k, _| !k.starts_with("ss_"));
+    metadata.insert("format".into(), "pt".into());
+    metadata
+}
+
+/// What the writers need to know of a module besides its tensors.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ModuleShape<'a> {
+    pub name: &'a str,
+    pub kind: ModuleKind,
+    pub rank: usize,
+    pub alpha: f64,
+    pub scaling: Scaling,
+    /// lora_A's columns.
+    pub d_in: usize,
+    /// lora_B's rows.
+    pub d_out: usize,
+}
+
+impl ModuleShape<'_> {
+    /// The module's scale (alpha / r, or alpha / sqrt(r)), as `LoraLayer::scale` computes it.
+    pub fn scale(&self) -> f64 {
+        self.scaling.scale(self.alpha, self.rank)
+    }
+}
+
+/// The [`ModuleShape`] of every module of an adapter, in order.
+pub(crate) fn module_shapes<T: Scalar>(adapter: &Adapter<T>) -> Vec<ModuleShape<'_>> {
     adapter
-        .config()
-        .metadata
+        .modules()
         .iter()
-        .filter(|(k, _)| !k.starts_with("lora_io."))
-        .map(|(k, v)| (k.clone(), v.clone()))
+        .map(|(name, m)| {
+            let l = m.layer();
+            ModuleShape {
+                name,
+                kind: m.kind(),
+                rank: l.rank(),
+                alpha: l.alpha(),
+                scaling: l.scaling(),
+                d_in: l.d_in(),
+                d_out: l.d_out(),
+            }
+        })
         .collect()
 }
 
@@ -589,7 +652,11 @@ pub struct PeftWriteOptions {
 /// meaning set from the adapter. Patterns are kept when they still resolve to every module's
 /// rank and alpha, and otherwise rewritten with one full module path per deviating module.
 pub fn peft_config_for<T: Scalar>(adapter: &Adapter<T>) -> PeftConfig {
-    let cfg = adapter.config();
+    peft_config_from(adapter.config(), &module_shapes(adapter))
+}
+
+/// [`peft_config_for`] from the config and the modules' shapes.
+pub(crate) fn peft_config_from(cfg: &AdapterConfig, modules: &[ModuleShape<'_>]) -> PeftConfig {
     let original = cfg.metadata.get(META_PEFT_CONFIG).and_then(|t| PeftConfig::parse(Path::new(CONFIG_FILE), t).ok());
     let mut pc = original.clone().unwrap_or_else(|| {
         let mut pc = PeftConfig::new(cfg.rank, cfg.alpha);
@@ -611,24 +678,27 @@ pub fn peft_config_for<T: Scalar>(adapter: &Adapter<T>) -> PeftConfig {
         TargetModules::AllLinear => TargetModulesJson::Regex("all-linear".into()),
     });
     // Every module must be targeted, or PEFT would not create it and would drop its tensors.
-    let all_targeted = adapter.modules().keys().all(|m| pc.targets(m).unwrap_or(false));
-    if !all_targeted || matches!(cfg.target_modules, TargetModules::AllLinear) && has_embedding(adapter) {
-        pc.target_modules = Some(TargetModulesJson::List(adapter.modules().keys().cloned().collect()));
+    let all_targeted = modules.iter().all(|m| pc.targets(m.name).unwrap_or(false));
+    let has_embedding = modules.iter().any(|m| m.kind == ModuleKind::Embedding);
+    if !all_targeted || matches!(cfg.target_modules, TargetModules::AllLinear) && has_embedding {
+        pc.target_modules = Some(TargetModulesJson::List(modules.iter().map(|m| m.name.to_string()).collect()));
         pc.exclude_modules = None;
     }
-    let ranks_ok = adapter.modules().iter().all(|(n, m)| pc.rank_for(n).ok() == Some(m.layer().rank()));
+    let ranks_ok = modules.iter().all(|m| pc.rank_for(m.name).ok() == Some(m.rank));
     if !ranks_ok {
-        pc.rank_pattern = adapter.rank_pattern().into_iter().map(|(k, v)| (k, Value::from(v))).collect();
+        // Adapter::rank_pattern: the modules whose rank differs from the default
+        pc.rank_pattern =
+            modules.iter().filter(|m| m.rank != cfg.rank).map(|m| (m.name.to_string(), Value::from(m.rank))).collect();
     }
-    let alphas_ok = adapter.modules().iter().all(|(n, m)| pc.alpha_for(n).ok() == Some(m.layer().alpha()));
+    let alphas_ok = modules.iter().all(|m| pc.alpha_for(m.name).ok() == Some(m.alpha));
     if !alphas_ok {
-        pc.alpha_pattern = adapter.alpha_pattern().into_iter().map(|(k, v)| (k, Value::from(v))).collect();
+        pc.alpha_pattern = modules
+            .iter()
+            .filter(|m| m.alpha != cfg.alpha)
+            .map(|m| (m.name.to_string(), Value::from(m.alpha)))
+            .collect();
     }
     pc
-}
-
-fn has_embedding<T: Scalar>(adapter: &Adapter<T>) -> bool {
-    adapter.modules().values().any(|m| m.kind() == lora_core::ModuleKind::Embedding)
 }
 
 /// The tensor keys (in file order) and values of an adapter in PEFT's layout, borrowed.
@@ -659,9 +729,7 @@ pub fn write_peft<T: Scalar>(adapter: &Adapter<T>, dir: impl AsRef<Path>, option
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let dtype = output_dtype(adapter, options.dtype);
     let tensors = peft_tensors(adapter);
-    let mut metadata = file_metadata(adapter);
-    metadata.retain(|k, _| !k.starts_with("ss_"));
-    metadata.insert("format".into(), "pt".into());
+    let metadata = peft_file_metadata(adapter.config());
     let weights = dir.join(WEIGHTS_FILE);
     let plan = tensors.iter().map(|(n, t)| PlannedTensor::new(n.clone(), t.shape(), dtype)).collect();
     let mut w = SafetensorsWriter::create(&weights, plan, &metadata)?;

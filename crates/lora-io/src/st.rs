@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use indexmap::IndexMap;
-use lora_core::{DType, Scalar, TensorInfo, TensorSource};
+use lora_core::{DType, Scalar, Stored, TensorInfo, TensorSource};
 use memmap2::Mmap;
 use ndarray::{ArrayD, ArrayRef, Dimension, IxDyn};
 use rayon::prelude::*;
@@ -207,6 +207,14 @@ impl TensorSource for SafetensorsFile {
     fn read_f64(&self, name: &str) -> lora_core::Result<ArrayD<f64>> {
         Ok(self.tensor_f64(name)?)
     }
+
+    fn stored(&self, name: &str) -> Option<Stored<'_>> {
+        Some(Stored { dtype: self.dtype(name)?, bytes: self.raw(name)? })
+    }
+
+    fn release(&self, name: &str) {
+        SafetensorsFile::release(self, name);
+    }
 }
 
 /// Undo the wrapping of our own error into lora-core's by the `TensorSource` impl.
@@ -281,18 +289,10 @@ fn float_width(d: Dtype) -> Option<usize> {
     }
 }
 
-/// Decode little-endian `d` values into `out` (`out.len()` elements of `b`).
+/// Decode little-endian `d` values into `out` (`out.len()` elements of `b`); `d` is a float
+/// dtype.
 fn decode_f32_into(d: Dtype, b: &[u8], out: &mut [f32]) {
-    match d {
-        Dtype::F32 => {
-            b.chunks_exact(4).zip(out).for_each(|(c, o)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
-        }
-        Dtype::F16 => b.chunks_exact(2).zip(out).for_each(|(c, o)| *o = f16::from_le_bytes([c[0], c[1]]).to_f32()),
-        Dtype::BF16 => b.chunks_exact(2).zip(out).for_each(|(c, o)| *o = bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-        _ => {
-            b.chunks_exact(8).zip(out).for_each(|(c, o)| *o = f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
-        }
-    }
+    f32::decode_le(float_dtype(d).expect("a float dtype"), b, out);
 }
 
 /// Decode a tensor's bytes to f32. A large tensor is decoded in pieces in parallel (rayon's
@@ -602,6 +602,31 @@ impl SafetensorsWriter {
         Ok(())
     }
 
+    /// Write the next tensor's rows in another order: `bytes` holds its rows as stored (in the
+    /// planned dtype) and `order[i]` is the stored row written i-th.
+    pub(crate) fn write_raw_rows(&mut self, name: &str, bytes: &[u8], order: &[usize]) -> Result<()> {
+        let planned = self.expect(name)?;
+        let rows = planned.shape.first().copied().unwrap_or(1);
+        let valid = bytes.len() == planned.byte_len() && order.len() == rows && order.iter().all(|&r| r < rows);
+        if !valid || rows == 0 {
+            return Err(Error::header(
+                Location::tensor(self.file.path(), name),
+                format!(
+                    "{} bytes in {} rows given, shape and dtype need {}",
+                    bytes.len(),
+                    order.len(),
+                    planned.byte_len()
+                ),
+            ));
+        }
+        let row = bytes.len() / rows;
+        for &r in order {
+            self.file.write_all(&bytes[r * row..(r + 1) * row])?;
+        }
+        self.next += 1;
+        Ok(())
+    }
+
     /// Write the next tensor's bytes as they are (little-endian, in the planned dtype).
     pub fn write_raw(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let planned = self.expect(name)?;
@@ -744,6 +769,16 @@ fn encode_piece<T: Scalar>(dtype: Dtype, values: &[T], out: &mut [u8]) -> std::r
         }
     }
     Ok(())
+}
+
+/// Decode the stored bytes of a float tensor to f32 (F64 rounded), as [`SafetensorsFile::tensor_f32`].
+pub(crate) fn decode_to_f32(d: DType, b: &[u8]) -> Vec<f32> {
+    decode_f32(st_dtype(d), b).unwrap_or_default()
+}
+
+/// [`convert_into`] for lora-core dtypes.
+pub(crate) fn convert_bytes(from: DType, bytes: &[u8], to: DType, out: &mut [u8]) -> std::result::Result<(), Encode> {
+    convert_into(st_dtype(from), bytes, st_dtype(to), out)
 }
 
 /// Convert little-endian `from` bytes to little-endian `to` bytes through f32, a block at a

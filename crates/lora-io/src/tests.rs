@@ -348,6 +348,15 @@ fn metadata_and_every_dtype_round_trip() {
             };
             assert_eq!(b.to_bits(), want.to_bits(), "{dtype:?}");
         }
+        // The stored bytes decode to the same values, in f32 and in f64, from any offset.
+        let stored = f.stored("t").expect("a mapped file holds its bytes");
+        assert_eq!((stored.dtype, stored.len()), (dtype, 6));
+        let (mut narrow, mut wide) = ([0f32; 4], [0f64; 4]);
+        stored.decode_into(2, &mut narrow);
+        stored.decode_into(2, &mut wide);
+        let back64 = f.tensor_f64("t").unwrap();
+        assert_eq!(narrow.map(f32::to_bits)[..], back.iter().skip(2).map(|v| v.to_bits()).collect::<Vec<_>>()[..]);
+        assert_eq!(wide.map(f64::to_bits)[..], back64.iter().skip(2).map(|v| v.to_bits()).collect::<Vec<_>>()[..]);
         // The crate's own parser agrees.
         let bytes = std::fs::read(&p).unwrap();
         assert!(safetensors::SafeTensors::deserialize(&bytes).is_ok());

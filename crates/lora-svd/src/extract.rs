@@ -7,7 +7,7 @@ use ndarray::{Array1, Array2, ArrayRef2, Axis};
 
 use crate::error::{Error, Result};
 use crate::rank::RankRule;
-use crate::svd::{truncated_svd_of, MethodUsed, SvdMethod, SvdScalar, TruncatedSvd};
+use crate::svd::{truncated_svd_of, truncated_svd_with_energy, MethodUsed, SvdMethod, SvdScalar, TruncatedSvd};
 
 /// How many leading singular values a [`Report`] keeps by default.
 pub const DEFAULT_SPECTRUM_LEN: usize = 64;
@@ -75,8 +75,28 @@ impl Report {
 pub fn extract<T: SvdScalar>(delta: &ArrayRef2<T>, config: &ExtractConfig) -> Result<(LoraLayer<T>, Report)> {
     let start = Instant::now();
     let svd = truncated_svd_of("delta", delta, &config.rule, &config.method)?;
-    let layer = layer_from_svd(&svd, config.alpha, config.scaling)?;
-    let report = Report::from_svd(&svd, config.spectrum_len, start.elapsed());
+    finish(&svd, config, start)
+}
+
+/// [`extract`] of a non-empty, finite `delta` whose squared Frobenius norm (f64) the caller has
+/// computed while making it.
+pub(crate) fn extract_with_energy<T: SvdScalar>(
+    delta: &ArrayRef2<T>,
+    energy: f64,
+    config: &ExtractConfig,
+) -> Result<(LoraLayer<T>, Report)> {
+    let start = Instant::now();
+    let svd = truncated_svd_with_energy(delta, energy, &config.rule, &config.method)?;
+    finish(&svd, config, start)
+}
+
+fn finish<T: SvdScalar>(
+    svd: &TruncatedSvd<T>,
+    config: &ExtractConfig,
+    start: Instant,
+) -> Result<(LoraLayer<T>, Report)> {
+    let layer = layer_from_svd(svd, config.alpha, config.scaling)?;
+    let report = Report::from_svd(svd, config.spectrum_len, start.elapsed());
     Ok((layer, report))
 }
 

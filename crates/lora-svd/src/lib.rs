@@ -58,6 +58,7 @@ mod factored;
 mod model;
 mod rank;
 mod svd;
+mod thin;
 
 pub use error::{Error, Result};
 pub use extract::{extract, ExtractConfig, Report, DEFAULT_SPECTRUM_LEN};

@@ -31,19 +31,48 @@ impl SvdScalar for f64 {
 }
 
 mod private {
-    pub trait Sealed {}
-    impl Sealed for f32 {}
+    use ndarray::{Array2, ArrayRef2};
+
+    /// Seals [`super::SvdScalar`], and carries the products with thin matrices, which have a
+    /// kernel of their own in f32 ([`crate::thin`]); `None` means: use BLAS.
+    pub trait Sealed: Sized {
+        fn thin_mul(_a: &ArrayRef2<Self>, _x: &ArrayRef2<Self>) -> Option<Array2<Self>> {
+            None
+        }
+        fn thin_mul_t(_a: &ArrayRef2<Self>, _x: &ArrayRef2<Self>) -> Option<Array2<Self>> {
+            None
+        }
+    }
+    impl Sealed for f32 {
+        fn thin_mul(a: &ArrayRef2<f32>, x: &ArrayRef2<f32>) -> Option<Array2<f32>> {
+            crate::thin::mul(a, x)
+        }
+        fn thin_mul_t(a: &ArrayRef2<f32>, x: &ArrayRef2<f32>) -> Option<Array2<f32>> {
+            crate::thin::mul_t(a, x)
+        }
+    }
     impl Sealed for f64 {}
+}
+
+/// A X for a thin X.
+fn times<T: SvdScalar>(a: &ArrayRef2<T>, x: &Array2<T>) -> Array2<T> {
+    T::thin_mul(a, x).unwrap_or_else(|| a.dot(x))
+}
+
+/// Aᵀ X for a thin X.
+fn times_t<T: SvdScalar>(a: &ArrayRef2<T>, x: &Array2<T>) -> Array2<T> {
+    T::thin_mul_t(a, x).unwrap_or_else(|| a.t().dot(x))
 }
 
 /// Parameters of the randomized SVD.
 ///
-/// The sketch has `rank + oversample` columns and is refined by `power_iters` power iterations,
-/// each re-orthonormalised. The random test matrix is drawn from a ChaCha8 generator seeded by
+/// A sketch for rank k has `k + max(oversample, k)` columns (at least twice the rank: the
+/// extra columns matter more as k grows), rounded up to a multiple of 16, and is refined by `power_iters` power iterations, each
+/// re-orthonormalised. The random test matrix is drawn from a ChaCha8 generator seeded by
 /// `seed`, so a run is reproducible.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Randomized {
-    /// Extra sketch columns beyond the rank wanted.
+    /// Extra sketch columns beyond the rank wanted, at least (the rank itself when larger).
     pub oversample: usize,
     /// Power iterations (each is one product with dWᵀ and one with dW).
     pub power_iters: usize,
@@ -51,14 +80,24 @@ pub struct Randomized {
     pub seed: u64,
 }
 
+impl Randomized {
+    /// Columns of a sketch for rank `k`: `k + max(oversample, k)`, rounded up to a multiple of
+    /// 16 (the width of the f32 kernels; a wider sketch is only more accurate).
+    pub fn columns(&self, k: usize) -> usize {
+        (k + self.oversample.max(k)).next_multiple_of(16)
+    }
+}
+
 impl Default for Randomized {
-    /// `oversample = 64, power_iters = 1, seed = 0`. A product with a 4096-wide matrix costs
-    /// nearly the same for 74 or 128 sketch columns on a CPU, so a wide sketch with one power
-    /// iteration (4 passes over dW) beats a narrow one with two (6 passes, torch's
-    /// `svd_lowrank(niter = 2)`) in both time and error: on a 1/i spectrum plus noise at rank 64
-    /// it lands 0.15% above the optimal error, against 0.3% (docs/benchmarks.md).
+    /// `oversample = 32, power_iters = 1, seed = 0`: sketches of 48 columns for rank 16 and 128
+    /// for rank 64. The products with dW are compute-bound here, so their cost grows with the
+    /// columns; one power iteration over a sketch of 2-3 k columns (4 passes over dW) lands
+    /// closer to the optimal error than torch's `svd_lowrank(q = k + 10, niter = 2)` (6 passes)
+    /// for less work: on eight 4096 x 4096 deltas with a 1/i spectrum plus noise, 1.00018 of
+    /// the optimal error at rank 16 against torch's 1.00034, and 1.0015 at rank 64 against
+    /// 1.003 (docs/benchmarks.md).
     fn default() -> Self {
-        Randomized { oversample: 64, power_iters: 1, seed: 0 }
+        Randomized { oversample: 32, power_iters: 1, seed: 0 }
     }
 }
 
@@ -205,6 +244,21 @@ pub(crate) fn truncated_svd_of<T: SvdScalar>(
 ) -> Result<TruncatedSvd<T>> {
     let start = Instant::now();
     let total = checked_energy(what, a)?;
+    let mut out = truncated_svd_with_energy(a, total, rule, method)?;
+    out.elapsed = start.elapsed();
+    Ok(out)
+}
+
+/// [`truncated_svd`] of a matrix whose squared Frobenius norm `total` the caller has computed
+/// (in f64, finite) while it made the matrix, saving a pass over it. The elapsed time is the
+/// decomposition's.
+pub(crate) fn truncated_svd_with_energy<T: SvdScalar>(
+    a: &ArrayRef2<T>,
+    total: f64,
+    rule: &RankRule,
+    method: &SvdMethod,
+) -> Result<TruncatedSvd<T>> {
+    let start = Instant::now();
     let (m, n) = a.dim();
     let min_dim = m.min(n);
     let criterion = rule.criterion();
@@ -222,7 +276,7 @@ pub(crate) fn truncated_svd_of<T: SvdScalar>(
         None => exact(a, rule, total)?,
         Some((p, auto)) => {
             let first = first_guess(rule, min_dim);
-            if auto && !worth_sketching(first + p.oversample, min_dim) {
+            if auto && !worth_sketching(p.columns(first), min_dim) {
                 exact(a, rule, total)?
             } else {
                 randomized(a, rule, total, p, auto)?
@@ -286,7 +340,7 @@ fn randomized<T: SvdScalar>(
     let mut rounds = 0;
     loop {
         rounds += 1;
-        let l = (want + params.oversample).min(min_dim);
+        let l = params.columns(want).min(min_dim);
         let seed = params.seed.wrapping_add((rounds as u64 - 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let sketch = sketch(a, l, params.power_iters, seed)?;
         let complete = l == min_dim;
@@ -302,7 +356,7 @@ fn randomized<T: SvdScalar>(
             );
         }
         want = (2 * want).min(cap);
-        if auto && !worth_sketching(want + params.oversample, min_dim) {
+        if auto && !worth_sketching(params.columns(want), min_dim) {
             return exact(a, rule, total);
         }
     }
@@ -322,13 +376,13 @@ struct Sketch<T> {
 fn sketch<T: SvdScalar>(a: &ArrayRef2<T>, l: usize, power_iters: usize, seed: u64) -> Result<Sketch<T>> {
     let n = a.ncols();
     let omega = gaussian::<T>(n, l, seed);
-    let mut q = orthonormalize(a.dot(&omega))?;
+    let mut q = orthonormalize(times(a, &omega))?;
     drop(omega);
     for _ in 0..power_iters {
-        let z = orthonormalize(a.t().dot(&q))?;
-        q = orthonormalize(a.dot(&z))?;
+        let z = orthonormalize(times_t(a, &q))?;
+        q = orthonormalize(times(a, &z))?;
     }
-    let b = q.t().dot(a);
+    let b = times_t(a, &q).reversed_axes();
     let b_energy = energy(&b);
     let (ub, sigma, vt) = small_svd(b)?;
     Ok(Sketch { q, ub, sigma, vt, b_energy })
