@@ -10,11 +10,14 @@
 //! Linux only) on a rayon pool of 2 threads.
 use std::time::Instant;
 
-use lora_core::{DType, Init, MemorySource, TargetModules};
-use lora_train::{Batch, LoraConfig, Model, ModelConfig, Parallelism, StepOptions};
-use ndarray::{Array, Array2};
+use lora_train::{Batch, ModelConfig, StepOptions};
+use ndarray::Array2;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+#[path = "../benches/support/model.rs"]
+mod support;
+use support::random_model;
 
 /// User + system CPU seconds of this process so far (fields 14 and 15 of /proc/self/stat, in
 /// clock ticks of 1/100 s).
@@ -25,42 +28,6 @@ fn cpu() -> f64 {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
     ticks / 100.0
-}
-
-fn random_model(config: &ModelConfig, threads: usize) -> Model<f32> {
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let mut src = MemorySource::new();
-    let mut put = |name: String, shape: &[usize], centre: f64, spread: f64| {
-        let t = Array::from_shape_simple_fn(shape, || centre + spread * (rng.random::<f64>() * 2.0 - 1.0));
-        src.insert(name, t, DType::F32);
-    };
-    let (h, i) = (config.hidden_size, config.intermediate_size);
-    put("model.embed_tokens.weight".into(), &[config.vocab_size, h], 0.0, 0.04);
-    put("lm_head.weight".into(), &[config.vocab_size, h], 0.0, 0.04);
-    put("model.norm.weight".into(), &[h], 1.0, 0.0);
-    for l in 0..config.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        put(format!("{p}.input_layernorm.weight"), &[h], 1.0, 0.0);
-        put(format!("{p}.post_attention_layernorm.weight"), &[h], 1.0, 0.0);
-        for (m, d_out, d_in) in [
-            ("self_attn.q_proj", config.q_dim(), h),
-            ("self_attn.k_proj", config.kv_dim(), h),
-            ("self_attn.v_proj", config.kv_dim(), h),
-            ("self_attn.o_proj", h, config.q_dim()),
-            ("mlp.gate_proj", i, h),
-            ("mlp.up_proj", i, h),
-            ("mlp.down_proj", h, i),
-        ] {
-            put(format!("{p}.{m}.weight"), &[d_out, d_in], 0.0, 0.04);
-        }
-    }
-    let mut model = Model::from_source(config.clone(), &src).expect("consistent weights");
-    drop(src);
-    let mut lora = LoraConfig::new(16, 32.0, TargetModules::AllLinear);
-    lora.init = Init::Random { b_std: 0.01 };
-    model.add_lora(&lora).expect("all-linear matches");
-    let parallelism = if threads == 0 { Parallelism::Sequential } else { Parallelism::Threads(threads) };
-    model.with_parallelism(parallelism).expect("thread pool")
 }
 
 fn main() {
