@@ -32,7 +32,7 @@ use crate::peft::{
     self, output_dtype_of, peft_config_from, peft_file_metadata, ModuleShape, PeftConfig, CONFIG_FILE, PEFT_PREFIX,
     WEIGHTS_FILE,
 };
-use crate::st::{self, PlannedTensor, SafetensorsFile, SafetensorsWriter};
+use crate::st::{self, first_nonfinite_raw, PlannedTensor, SafetensorsFile, SafetensorsWriter};
 
 /// Options of [`convert_adapter`].
 #[derive(Default)]
@@ -472,32 +472,17 @@ fn plan_gguf(path: &Path, options: &ReadOptions) -> Option<(Source, Plan)> {
 }
 
 /// True when no value of these stored bytes is NaN or infinite once decoded to f32 (the check
-/// lora-core's constructors make on the decoded factors).
+/// lora-core's constructors make on the decoded factors): the stored-bytes scan of
+/// [`first_nonfinite_raw`], and for F64 also no finite value beyond f32's range.
 fn all_finite(dtype: DType, bytes: &[u8]) -> bool {
-    fn piece(dtype: DType, b: &[u8]) -> bool {
-        let bad = match dtype {
-            DType::F32 => b.chunks_exact(4).fold(false, |bad, c| {
-                bad | (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000)
-            }),
-            DType::F16 => {
-                b.chunks_exact(2).fold(false, |bad, c| bad | (u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00))
-            }
-            DType::BF16 => {
-                b.chunks_exact(2).fold(false, |bad, c| bad | (u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80))
-            }
-            DType::F64 => b
-                .chunks_exact(8)
-                .fold(false, |bad, c| bad | !(f64::from_le_bytes(c.try_into().unwrap_or_default()) as f32).is_finite()),
-        };
-        !bad
+    if dtype != DType::F64 {
+        return first_nonfinite_raw(dtype, bytes).is_none();
     }
-    const PIECE: usize = 1 << 18;
-    if bytes.len() > PIECE {
-        // pieces are whole elements: PIECE is a multiple of every width
-        bytes.par_chunks(PIECE).all(|b| piece(dtype, b))
-    } else {
-        piece(dtype, bytes)
-    }
+    bytes.par_chunks(1 << 18).all(|piece| {
+        piece
+            .chunks_exact(8)
+            .fold(true, |ok, c| ok & (f64::from_le_bytes(c.try_into().unwrap_or_default()) as f32).is_finite())
+    })
 }
 
 /// Where streamed tensors go: a safetensors writer, or a GGUF file.

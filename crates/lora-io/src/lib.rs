@@ -78,7 +78,7 @@ pub use peft::{
     peft_config_for, read_peft, write_peft, PeftConfig, PeftWriteOptions, TargetModulesJson, CONFIG_FILE, META_DTYPE,
     META_PEFT_CONFIG, PEFT_PREFIX, WEIGHTS_FILE,
 };
-pub use st::{write_safetensors, PlannedTensor, SafetensorsFile, SafetensorsWriter};
+pub use st::{first_nonfinite_raw, unravel, write_safetensors, PlannedTensor, SafetensorsFile, SafetensorsWriter};
 
 #[cfg(test)]
 mod bounds_tests;
