@@ -93,9 +93,9 @@ impl Default for Randomized {
     /// for rank 64. The products with dW are compute-bound here, so their cost grows with the
     /// columns; one power iteration over a sketch of 2-3 k columns (4 passes over dW) lands
     /// closer to the optimal error than torch's `svd_lowrank(q = k + 10, niter = 2)` (6 passes)
-    /// for less work: on eight 4096 x 4096 deltas with a 1/i spectrum plus noise, 1.00018 of
-    /// the optimal error at rank 16 against torch's 1.00034, and 1.0015 at rank 64 against
-    /// 1.003 (docs/benchmarks.md).
+    /// for less work: on the extract bench's eight 4096 x 4096 deltas (1/i spectrum plus noise)
+    /// 1.00019 of the optimal error at rank 16 against torch's 1.00034, and on lora-svd's bench
+    /// matrix 1.00145 at rank 64 against 1.00412 (docs/benchmarks.md).
     fn default() -> Self {
         Randomized { oversample: 32, power_iters: 1, seed: 0 }
     }

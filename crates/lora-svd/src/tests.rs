@@ -689,7 +689,8 @@ impl lora_core::TensorSource for BytesSource {
         Ok(t)
     }
     fn read_f64(&self, name: &str) -> lora_core::Result<ndarray::ArrayD<f64>> {
-        Ok(self.read_f32(name)?.mapv(f64::from)).and(self.values.read_f64(name))
+        self.read_f32(name)?; // the strict check
+        self.values.read_f64(name)
     }
     fn stored(&self, name: &str) -> Option<lora_core::Stored<'_>> {
         self.bytes.get(name).map(|(dtype, bytes)| lora_core::Stored { dtype: *dtype, bytes })
