@@ -77,26 +77,27 @@ impl<T: Scalar> Linear<T> {
     /// from it (so a recomputation draws the same mask). The small LoRA product is computed
     /// first and the base product accumulates into it, so B = 0 adds exactly nothing.
     pub(crate) fn forward(&self, x: &Array2<T>, dropout_seed: Option<u64>, par: &Par) -> (Array2<T>, LinearCache<T>) {
-        let mut y = match &self.bias {
-            Some(bias) => bias.broadcast((x.nrows(), self.d_out())).expect("bias length checked on load").to_owned(),
-            None => Array2::zeros((x.nrows(), self.d_out())),
-        };
+        let mut y = par.zeros(x.nrows(), self.d_out());
         let mut cache = LinearCache { mask: None, xa: None };
         if let Some(lora) = &self.lora {
             let mask = match dropout_seed {
                 Some(seed) if lora.dropout > 0.0 => Some(dropout_mask(x.raw_dim(), lora.dropout, seed)),
                 _ => None,
             };
+            // beta = 1 on zeros: the same numbers as beta = 0 without BLAS clearing them again
             let mut xa = Array2::zeros((x.nrows(), lora.a.nrows()));
             match &mask {
-                Some(m) => gemm(par, T::one(), &(x * m), &lora.a.t(), T::zero(), &mut xa),
-                None => gemm(par, T::one(), x, &lora.a.t(), T::zero(), &mut xa),
+                Some(m) => gemm(par, T::one(), &(x * m), &lora.a.t(), T::one(), &mut xa),
+                None => gemm(par, T::one(), x, &lora.a.t(), T::one(), &mut xa),
             }
             cache = LinearCache { mask, xa: Some(xa) };
         }
         let (xa, lora) = (cache.xa.as_ref(), self.lora.as_ref());
         par.row_chunks(&mut y, |first, mut chunk| {
             let rows = first..first + chunk.nrows();
+            if let Some(bias) = &self.bias {
+                chunk += bias;
+            }
             if let (Some(xa), Some(lora)) = (xa, lora) {
                 general_mat_mul(lora.scale(), &xa.slice(s![rows.clone(), ..]), &lora.b.t(), T::one(), &mut chunk);
             }
@@ -105,38 +106,41 @@ impl<T: Scalar> Linear<T> {
         (y, cache)
     }
 
-    /// The backward pass: adds dy W (+ the LoRA branch's input gradient) into `dx` (or writes
-    /// it when `accumulate` is false) and returns the LoRA gradients.
+    /// The backward pass: adds dy W (+ the LoRA branch's input gradient) into `dx` (`None` when
+    /// the input needs no gradient) and returns the LoRA gradients. Start `dx` from zeros rather
+    /// than asking BLAS to overwrite it: beta = 0 makes OpenBLAS clear it once more.
     pub(crate) fn backward(
         &self,
         dy: &Array2<T>,
         x: &Array2<T>,
         cache: &LinearCache<T>,
-        dx: &mut Array2<T>,
-        accumulate: bool,
+        dx: Option<&mut Array2<T>>,
         par: &Par,
     ) -> Option<LoraGrad<T>> {
-        let beta = if accumulate { T::one() } else { T::zero() };
         let Some(lora) = self.lora.as_ref() else {
-            gemm(par, T::one(), dy, &self.weight, beta, dx);
+            if let Some(dx) = dx {
+                gemm(par, T::one(), dy, &self.weight, T::one(), dx);
+            }
             return None;
         };
         let s = lora.scale();
         let mut gb = Array2::zeros((dy.nrows(), lora.b.ncols())); // dy B, (n, r)
-        gemm(par, T::one(), dy, &lora.b, T::zero(), &mut gb);
-        par.row_chunks(dx, |first, mut chunk| {
-            let rows = first..first + chunk.nrows();
-            general_mat_mul(T::one(), &dy.slice(s![rows.clone(), ..]), &self.weight, beta, &mut chunk);
-            let gb = gb.slice(s![rows.clone(), ..]);
-            match &cache.mask {
-                None => general_mat_mul(s, &gb, &lora.a, T::one(), &mut chunk),
-                Some(mask) => {
-                    let mut branch = gb.dot(&lora.a);
-                    Zip::from(&mut branch).and(mask.slice(s![rows, ..])).for_each(|v, &m| *v = *v * m * s);
-                    chunk += &branch;
+        gemm(par, T::one(), dy, &lora.b, T::one(), &mut gb);
+        if let Some(dx) = dx {
+            par.row_chunks(dx, |first, mut chunk| {
+                let rows = first..first + chunk.nrows();
+                general_mat_mul(T::one(), &dy.slice(s![rows.clone(), ..]), &self.weight, T::one(), &mut chunk);
+                let gb = gb.slice(s![rows.clone(), ..]);
+                match &cache.mask {
+                    None => general_mat_mul(s, &gb, &lora.a, T::one(), &mut chunk),
+                    Some(mask) => {
+                        let mut branch = gb.dot(&lora.a);
+                        Zip::from(&mut branch).and(mask.slice(s![rows, ..])).for_each(|v, &m| *v = *v * m * s);
+                        chunk += &branch;
+                    }
                 }
-            }
-        });
+            });
+        }
         let xa = cache.xa.as_ref().expect("the forward pass keeps x Aᵀ when there is a LoRA branch");
         // two thin products over all n rows (r x n times n x d): one per thread rather than one
         // after the other while the other core waits

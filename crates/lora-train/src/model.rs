@@ -3,7 +3,8 @@
 
 use indexmap::IndexMap;
 use lora_core::{Scalar, TensorSource};
-use ndarray::{Array1, Array2, Array3, ArrayD, ArrayView1, ArrayViewMut2, Axis, Ix1, Ix2};
+use ndarray::linalg::general_mat_mul;
+use ndarray::{s, Array1, Array2, Array3, ArrayD, Axis, Ix1, Ix2};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -131,6 +132,17 @@ impl Batch {
         self.labels.rows().into_iter().map(|row| row.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()).sum()
     }
 
+    /// The label each row of the activations predicts: row b x positions + t predicts
+    /// `labels[b][t + 1]` (the shift transformers does inside its loss); a sequence's last
+    /// position predicts nothing ([`IGNORE_INDEX`]).
+    fn targets(&self) -> Array1<i64> {
+        let t = self.seq_len();
+        Array1::from_shape_fn(self.labels.len(), |r| match r % t + 1 {
+            next if next < t => self.labels[(r / t, next)],
+            _ => IGNORE_INDEX,
+        })
+    }
+
     fn sequences(&self) -> usize {
         self.input_ids.nrows()
     }
@@ -225,18 +237,17 @@ impl<T: Scalar> Block<T> {
         let (mut q, cq) = self.lin(Proj::Q).forward(&x1, seed(Proj::Q), ctx.par);
         let (mut k, ck) = self.lin(Proj::K).forward(&x1, seed(Proj::K), ctx.par);
         let (v, cv) = self.lin(Proj::V).forward(&x1, seed(Proj::V), ctx.par);
-        ctx.rope.apply(&mut q, ctx.dims.seq, ctx.dims.head_dim, false);
-        ctx.rope.apply(&mut k, ctx.dims.seq, ctx.dims.head_dim, false);
+        ctx.rope.apply(&mut q, ctx.dims.seq, ctx.dims.head_dim, false, ctx.par);
+        ctx.rope.apply(&mut k, ctx.dims.seq, ctx.dims.head_dim, false, ctx.par);
         let (o, probs) = ops::attention(&q, &k, &v, ctx.dims, ctx.keep, ctx.par);
-        let (attn, co) = self.lin(Proj::O).forward(&o, seed(Proj::O), ctx.par);
-        let h2 = h + &attn;
-        drop(attn);
+        let (mut h2, co) = self.lin(Proj::O).forward(&o, seed(Proj::O), ctx.par);
+        ctx.par.add_assign(&mut h2, h); // h2 = h + o_proj(...)
         let (x2, rstd2) = ops::rms_norm(&h2, &self.post_norm, ctx.eps, ctx.par);
         let (g, cg) = self.lin(Proj::Gate).forward(&x2, seed(Proj::Gate), ctx.par);
         let (u, cu) = self.lin(Proj::Up).forward(&x2, seed(Proj::Up), ctx.par);
         let act = ops::swiglu(&g, &u, ctx.par);
-        let (mlp, cd) = self.lin(Proj::Down).forward(&act, seed(Proj::Down), ctx.par);
-        let out = &h2 + &mlp;
+        let (mut out, cd) = self.lin(Proj::Down).forward(&act, seed(Proj::Down), ctx.par);
+        ctx.par.add_assign(&mut out, &h2); // out = h2 + down(...)
         let cache = keep_cache.then(|| BlockCache {
             x1,
             rstd1,
@@ -256,8 +267,9 @@ impl<T: Scalar> Block<T> {
         (out, cache)
     }
 
-    /// The gradient of the layer's input from its output's, pushing LoRA gradients into `grads`
-    /// (indexed by [`Proj`]).
+    /// The gradient of the layer's input from its output's (`None` unless `need_dx`: the first
+    /// layer's input, the embeddings, is frozen), pushing LoRA gradients into `grads` (indexed
+    /// by [`Proj`]).
     fn backward(
         &self,
         h: &Array2<T>,
@@ -265,39 +277,37 @@ impl<T: Scalar> Block<T> {
         dh: &Array2<T>,
         ctx: &Ctx<'_, T>,
         grads: &mut [Option<LoraGrad<T>>],
-    ) -> Array2<T> {
-        let n = h.nrows();
+        need_dx: bool,
+    ) -> Option<Array2<T>> {
+        let (n, hidden, par) = (h.nrows(), h.ncols(), ctx.par);
+        let back = |p: Proj, dy: &Array2<T>, x: &Array2<T>, dx: Option<&mut Array2<T>>| {
+            self.lin(p).backward(dy, x, &c.lin[p as usize], dx, par)
+        };
         // MLP: out = h2 + down(silu(gate(x2)) * up(x2)), x2 = norm(h2)
-        let mut dact = Array2::zeros(c.act.raw_dim());
-        grads[Proj::Down as usize] =
-            self.lin(Proj::Down).backward(dh, &c.act, &c.lin[Proj::Down as usize], &mut dact, false, ctx.par);
-        let (dg, du) = ops::swiglu_backward(&dact, &c.g, &c.u, ctx.par);
+        let mut dact = par.zeros(n, c.act.ncols());
+        grads[Proj::Down as usize] = back(Proj::Down, dh, &c.act, Some(&mut dact));
+        let (dg, du) = ops::swiglu_backward(&dact, &c.g, &c.u, par);
         drop(dact);
-        let mut dx2 = Array2::zeros((n, h.ncols()));
-        grads[Proj::Gate as usize] =
-            self.lin(Proj::Gate).backward(&dg, &c.x2, &c.lin[Proj::Gate as usize], &mut dx2, false, ctx.par);
-        grads[Proj::Up as usize] =
-            self.lin(Proj::Up).backward(&du, &c.x2, &c.lin[Proj::Up as usize], &mut dx2, true, ctx.par);
-        let mut dh2 = ops::rms_norm_backward(&dx2, &c.h2, &self.post_norm, &c.rstd2, ctx.par);
-        dh2 += dh;
+        let mut dx2 = par.zeros(n, hidden);
+        grads[Proj::Gate as usize] = back(Proj::Gate, &dg, &c.x2, Some(&mut dx2));
+        grads[Proj::Up as usize] = back(Proj::Up, &du, &c.x2, Some(&mut dx2));
+        let mut dh2 = ops::rms_norm_backward(&dx2, &c.h2, &self.post_norm, &c.rstd2, par);
+        par.add_assign(&mut dh2, dh);
         // attention: h2 = h + o_proj(attn(rope(q(x1)), rope(k(x1)), v(x1))), x1 = norm(h)
-        let mut d_o = Array2::zeros(c.o.raw_dim());
-        grads[Proj::O as usize] =
-            self.lin(Proj::O).backward(&dh2, &c.o, &c.lin[Proj::O as usize], &mut d_o, false, ctx.par);
-        let (mut dq, mut dk, dv) =
-            ops::attention_backward(&d_o, [&c.q, &c.k, &c.v], &c.probs, ctx.dims, ctx.keep, ctx.par);
-        ctx.rope.apply(&mut dq, ctx.dims.seq, ctx.dims.head_dim, true);
-        ctx.rope.apply(&mut dk, ctx.dims.seq, ctx.dims.head_dim, true);
-        let mut dx1 = Array2::zeros((n, h.ncols()));
-        grads[Proj::Q as usize] =
-            self.lin(Proj::Q).backward(&dq, &c.x1, &c.lin[Proj::Q as usize], &mut dx1, false, ctx.par);
-        grads[Proj::K as usize] =
-            self.lin(Proj::K).backward(&dk, &c.x1, &c.lin[Proj::K as usize], &mut dx1, true, ctx.par);
-        grads[Proj::V as usize] =
-            self.lin(Proj::V).backward(&dv, &c.x1, &c.lin[Proj::V as usize], &mut dx1, true, ctx.par);
-        let mut dh_in = ops::rms_norm_backward(&dx1, h, &self.input_norm, &c.rstd1, ctx.par);
-        dh_in += &dh2;
-        dh_in
+        let mut d_o = par.zeros(n, c.o.ncols());
+        grads[Proj::O as usize] = back(Proj::O, &dh2, &c.o, Some(&mut d_o));
+        let (mut dq, mut dk, dv) = ops::attention_backward(&d_o, [&c.q, &c.k, &c.v], &c.probs, ctx.dims, ctx.keep, par);
+        ctx.rope.apply(&mut dq, ctx.dims.seq, ctx.dims.head_dim, true, par);
+        ctx.rope.apply(&mut dk, ctx.dims.seq, ctx.dims.head_dim, true, par);
+        let mut dx1 = need_dx.then(|| par.zeros(n, hidden));
+        grads[Proj::Q as usize] = back(Proj::Q, &dq, &c.x1, dx1.as_mut());
+        grads[Proj::K as usize] = back(Proj::K, &dk, &c.x1, dx1.as_mut());
+        grads[Proj::V as usize] = back(Proj::V, &dv, &c.x1, dx1.as_mut());
+        dx1.map(|dx1| {
+            let mut dh_in = ops::rms_norm_backward(&dx1, h, &self.input_norm, &c.rstd1, par);
+            par.add_assign(&mut dh_in, &dh2);
+            dh_in
+        })
     }
 }
 
@@ -483,12 +493,39 @@ impl<T: Scalar> Model<T> {
         }
     }
 
-    /// Final norm and output head: logits (rows, vocab) and the norm's 1 / rms per row.
-    fn head(&self, h: &Array2<T>) -> (Array2<T>, Array1<T>) {
+    /// Final norm and output head: logits (rows, vocab).
+    fn head(&self, h: &Array2<T>) -> Array2<T> {
+        let (xf, _) = ops::rms_norm(h, &self.norm, self.config.rms_norm_eps, &self.par);
+        let mut logits = self.par.zeros(h.nrows(), self.config.vocab_size);
+        gemm(&self.par, T::one(), &xf, &self.lm_head().t(), T::one(), &mut logits);
+        logits
+    }
+
+    /// Final norm, output head and cross-entropy, one piece of rows at a time, so the (rows,
+    /// vocab) logits are never held whole (64 MiB on the issue-6 bench config, fresh pages
+    /// every step): the summed loss and, with `grad` (the scale of the loss's gradient, 1 /
+    /// predictions for the mean), the gradient of the final norm's input.
+    fn head_loss(&self, h: &Array2<T>, batch: &Batch, grad: Option<T>) -> (Loss, Option<Array2<T>>) {
         let (xf, rstd) = ops::rms_norm(h, &self.norm, self.config.rms_norm_eps, &self.par);
-        let mut logits = Array2::zeros((h.nrows(), self.config.vocab_size));
-        gemm(&self.par, T::one(), &xf, &self.lm_head().t(), T::zero(), &mut logits);
-        (logits, rstd)
+        let targets = batch.targets();
+        let w = self.lm_head();
+        // no columns when no gradient is asked for: the pieces of rows are still the same
+        let mut dxf = self.par.zeros(h.nrows(), if grad.is_some() { h.ncols() } else { 0 });
+        let parts = self.par.row_chunks_map(&mut dxf, |first, mut dx| {
+            let rows = first..first + dx.nrows();
+            let mut logits = Array2::zeros((rows.len(), self.config.vocab_size));
+            general_mat_mul(T::one(), &xf.slice(s![rows.clone(), ..]), &w.t(), T::one(), &mut logits);
+            let part = ops::cross_entropy_rows(&mut logits.view_mut(), targets.slice(s![rows]), grad);
+            if grad.is_some() {
+                general_mat_mul(T::one(), &logits, w, T::one(), &mut dx);
+            }
+            part
+        });
+        let loss = parts
+            .into_iter()
+            .fold(Loss { sum: 0.0, count: 0 }, |acc, (s, c)| Loss { sum: acc.sum + s, count: acc.count + c });
+        let dh = grad.map(|_| ops::rms_norm_backward(&dxf, h, &self.norm, &rstd, &self.par));
+        (loss, dh)
     }
 
     /// Logits (sequences, positions, vocab), no dropout.
@@ -501,7 +538,7 @@ impl<T: Scalar> Model<T> {
             for (l, block) in self.blocks.iter().enumerate() {
                 h = block.forward(&h, l, &ctx, false).0;
             }
-            self.head(&h).0
+            self.head(&h)
         });
         let (b, t) = (batch.sequences(), batch.seq_len());
         Ok(logits.into_shape_with_order((b, t, self.config.vocab_size)).expect("rows are sequences x positions"))
@@ -509,19 +546,16 @@ impl<T: Scalar> Model<T> {
 
     /// The summed next-token cross-entropy of the batch, no dropout.
     pub fn loss(&self, batch: &Batch) -> Result<Loss> {
-        let logits = self.logits(batch)?;
-        let (b, t, v) = logits.dim();
-        let mut logits = logits.into_shape_with_order((b * t, v)).expect("contiguous");
-        Ok(self.par.install(|| self.cross_entropy(&mut logits, batch, None)))
-    }
-
-    fn cross_entropy(&self, logits: &mut Array2<T>, batch: &Batch, grad: Option<T>) -> Loss {
-        let chunks: Vec<(ArrayViewMut2<'_, T>, ArrayView1<'_, i64>)> =
-            logits.axis_chunks_iter_mut(Axis(0), batch.seq_len()).zip(batch.labels.rows()).collect();
-        let parts = self.par.map_vec(chunks, |(mut rows, labels)| ops::cross_entropy_rows(&mut rows, labels, grad));
-        parts
-            .into_iter()
-            .fold(Loss { sum: 0.0, count: 0 }, |acc, (s, c)| Loss { sum: acc.sum + s, count: acc.count + c })
+        self.check(batch)?;
+        let rope = Rope::new(batch.seq_len(), self.config.head_dim, self.config.rope_theta);
+        Ok(self.par.install(|| {
+            let ctx = self.ctx(batch, &rope, None);
+            let mut h = self.embed(batch);
+            for (l, block) in self.blocks.iter().enumerate() {
+                h = block.forward(&h, l, &ctx, false).0;
+            }
+            self.head_loss(&h, batch, None).0
+        }))
     }
 
     /// The mean loss of the batch and its gradient for every LoRA factor (LoRA dropout active,
@@ -544,12 +578,8 @@ impl<T: Scalar> Model<T> {
                 caches.push(cache);
                 h = out;
             }
-            let (mut logits, rstd) = self.head(&h);
-            let loss = self.cross_entropy(&mut logits, batch, Some(T::from_f64(1.0 / count as f64)));
-            let mut dxf = Array2::zeros(h.raw_dim());
-            gemm(&self.par, T::one(), &logits, self.lm_head(), T::zero(), &mut dxf);
-            drop(logits);
-            let mut dh = ops::rms_norm_backward(&dxf, &h, &self.norm, &rstd, &self.par);
+            let (loss, dh) = self.head_loss(&h, batch, Some(T::from_f64(1.0 / count as f64)));
+            let mut dh = dh.expect("asked for the gradient");
             let mut grads = IndexMap::new();
             let mut layer_grads: Vec<Vec<Option<LoraGrad<T>>>> = Vec::with_capacity(self.blocks.len());
             for (l, block) in self.blocks.iter().enumerate().rev() {
@@ -558,7 +588,9 @@ impl<T: Scalar> Model<T> {
                     None => block.forward(&inputs[l], l, &ctx, true).1.expect("asked for the cache"),
                 };
                 let mut g = vec![None; 7];
-                dh = block.backward(&inputs[l], &cache, &dh, &ctx, &mut g);
+                if let Some(d) = block.backward(&inputs[l], &cache, &dh, &ctx, &mut g, l > 0) {
+                    dh = d;
+                }
                 layer_grads.push(g);
             }
             for (l, g) in layer_grads.into_iter().rev().enumerate() {

@@ -12,18 +12,18 @@ use crate::parallel::{chunk_rows, Par};
 pub(crate) fn rms_norm<T: Scalar>(x: &Array2<T>, w: &Array1<T>, eps: f64, par: &Par) -> (Array2<T>, Array1<T>) {
     let h = T::from_f64(x.ncols() as f64);
     let eps = T::from_f64(eps);
-    let rstd =
-        x.rows().into_iter().map(|x| T::one() / (x.iter().fold(T::zero(), |acc, &v| acc + v * v) / h + eps).sqrt());
-    let rstd: Array1<T> = rstd.collect();
-    let mut y = Array2::zeros(x.raw_dim());
-    par.row_chunks(&mut y, |first, mut chunk| {
-        let rows = first..first + chunk.nrows();
-        Zip::from(chunk.rows_mut())
-            .and(x.slice(s![rows.clone(), ..]).rows())
-            .and(rstd.slice(s![rows]))
-            .for_each(|mut y, x, &r| Zip::from(&mut y).and(&x).and(w).for_each(|y, &x, &w| *y = w * (x * r)));
+    let mut y = par.zeros(x.nrows(), x.ncols());
+    let rstd = par.row_chunks_map(&mut y, |first, mut chunk| {
+        let x = x.slice(s![first..first + chunk.nrows(), ..]);
+        let mut rstd = Vec::with_capacity(chunk.nrows());
+        Zip::from(chunk.rows_mut()).and(x.rows()).for_each(|mut y, x| {
+            let r = T::one() / (x.iter().fold(T::zero(), |acc, &v| acc + v * v) / h + eps).sqrt();
+            Zip::from(&mut y).and(&x).and(w).for_each(|y, &x, &w| *y = w * (x * r));
+            rstd.push(r);
+        });
+        rstd
     });
-    (y, rstd)
+    (y, rstd.into_iter().flatten().collect())
 }
 
 /// Backward of [`rms_norm`]: with g = dy ⊙ w, dx = r g - x r³ mean(g ⊙ x).
@@ -35,7 +35,7 @@ pub(crate) fn rms_norm_backward<T: Scalar>(
     par: &Par,
 ) -> Array2<T> {
     let h = T::from_f64(x.ncols() as f64);
-    let mut dx = Array2::zeros(x.raw_dim());
+    let mut dx = par.zeros(x.nrows(), x.ncols());
     par.row_chunks(&mut dx, |first, mut chunk| {
         let rows = first..first + chunk.nrows();
         let (dy, x, rstd) = (dy.slice(s![rows.clone(), ..]), x.slice(s![rows.clone(), ..]), rstd.slice(s![rows]));
@@ -70,20 +70,22 @@ impl<T: Scalar> Rope<T> {
     /// Rotate every head of x (rows = sequences x `seq` positions, heads x head_dim columns) in
     /// place, with transformers' rotate-half convention: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s).
     /// `inverse` applies the transpose (the backward pass).
-    pub(crate) fn apply(&self, x: &mut Array2<T>, seq: usize, head_dim: usize, inverse: bool) {
+    pub(crate) fn apply(&self, x: &mut Array2<T>, seq: usize, head_dim: usize, inverse: bool, par: &Par) {
         let half = head_dim / 2;
-        for (row, mut xr) in x.rows_mut().into_iter().enumerate() {
-            let t = row % seq;
-            let (cos, sin) = (self.cos.row(t), self.sin.row(t));
-            for mut head in xr.exact_chunks_mut(head_dim) {
-                for i in 0..half {
-                    let (x1, x2) = (head[i], head[i + half]);
-                    let (c, s) = (cos[i], if inverse { -sin[i] } else { sin[i] });
-                    head[i] = x1 * c - x2 * s;
-                    head[i + half] = x2 * c + x1 * s;
+        par.row_chunks(x, |first, mut chunk| {
+            for (row, mut xr) in (first..).zip(chunk.rows_mut()) {
+                let t = row % seq;
+                let (cos, sin) = (self.cos.row(t), self.sin.row(t));
+                for mut head in xr.exact_chunks_mut(head_dim) {
+                    for i in 0..half {
+                        let (x1, x2) = (head[i], head[i + half]);
+                        let (c, s) = (cos[i], if inverse { -sin[i] } else { sin[i] });
+                        head[i] = x1 * c - x2 * s;
+                        head[i + half] = x2 * c + x1 * s;
+                    }
                 }
             }
-        }
+        });
     }
 }
 
@@ -94,7 +96,7 @@ pub(crate) fn silu<T: Scalar>(x: T) -> T {
 
 /// act = silu(g) ⊙ u.
 pub(crate) fn swiglu<T: Scalar>(g: &Array2<T>, u: &Array2<T>, par: &Par) -> Array2<T> {
-    let mut act = Array2::zeros(g.raw_dim());
+    let mut act = par.zeros(g.nrows(), g.ncols());
     par.row_chunks(&mut act, |first, mut chunk| {
         let rows = s![first..first + chunk.nrows(), ..];
         Zip::from(&mut chunk).and(g.slice(rows)).and(u.slice(rows)).for_each(|a, &g, &u| *a = silu(g) * u);
@@ -109,8 +111,8 @@ pub(crate) fn swiglu_backward<T: Scalar>(
     u: &Array2<T>,
     par: &Par,
 ) -> (Array2<T>, Array2<T>) {
-    let mut dg = Array2::zeros(g.raw_dim());
-    let mut du = Array2::zeros(g.raw_dim());
+    let mut dg = par.zeros(g.nrows(), g.ncols());
+    let mut du = par.zeros(g.nrows(), g.ncols());
     let rows = chunk_rows(g.nrows());
     let pieces: Vec<_> =
         dg.axis_chunks_iter_mut(Axis(0), rows).zip(du.axis_chunks_iter_mut(Axis(0), rows)).enumerate().collect();
@@ -238,14 +240,15 @@ pub(crate) fn attention_blocks<T: Scalar>(
         }
         (p, out)
     });
-    let mut o = Array2::zeros((dims.batch * t, dims.heads * d));
-    let mut probs = Vec::with_capacity(results.len());
-    for (i, (p, out)) in results.into_iter().enumerate() {
-        let (b, h) = (i / dims.heads, i % dims.heads);
-        o.slice_mut(s![b * t..(b + 1) * t, h * d..(h + 1) * d]).assign(&out);
-        probs.push(p);
-    }
-    (o, probs)
+    // each sequence's rows of the output gathered from its heads, sequences in parallel
+    let mut o = par.zeros(dims.batch * t, dims.heads * d);
+    let sequences: Vec<_> = o.axis_chunks_iter_mut(Axis(0), t).enumerate().collect();
+    par.map_vec(sequences, |(b, mut ob)| {
+        for h in 0..dims.heads {
+            ob.slice_mut(s![.., h * d..(h + 1) * d]).assign(&results[b * dims.heads + h].1);
+        }
+    });
+    (o, results.into_iter().map(|(p, _)| p).collect())
 }
 
 /// Backward of [`attention`]: (dq, dk, dv) from the output gradient, with key and value
@@ -306,34 +309,42 @@ pub(crate) fn attention_backward_blocks<T: Scalar>(
         }
         (dq, dk, dv)
     });
-    let mut dq = Array2::zeros(q.raw_dim());
-    let mut dk = Array2::zeros(k.raw_dim());
-    let mut dv = Array2::zeros(v.raw_dim());
-    for (i, (gq, gk, gv)) in results.into_iter().enumerate() {
-        let (b, h) = (i / dims.heads, i % dims.heads);
-        let kh = dims.kv_head(h);
-        let rows = b * t..(b + 1) * t;
-        dq.slice_mut(s![rows.clone(), h * d..(h + 1) * d]).assign(&gq);
-        dk.slice_mut(s![rows.clone(), kh * d..(kh + 1) * d]).scaled_add(T::one(), &gk);
-        dv.slice_mut(s![rows, kh * d..(kh + 1) * d]).scaled_add(T::one(), &gv);
-    }
+    // each sequence's rows gathered from its heads, sequences in parallel; the key and value
+    // gradients of the query heads that share a kv head summed in head order
+    let mut dq = par.zeros(q.nrows(), q.ncols());
+    let mut dk = par.zeros(k.nrows(), k.ncols());
+    let mut dv = par.zeros(v.nrows(), v.ncols());
+    let sequences: Vec<_> = dq
+        .axis_chunks_iter_mut(Axis(0), t)
+        .zip(dk.axis_chunks_iter_mut(Axis(0), t))
+        .zip(dv.axis_chunks_iter_mut(Axis(0), t))
+        .enumerate()
+        .collect();
+    par.map_vec(sequences, |(b, ((mut dq, mut dk), mut dv))| {
+        for h in 0..dims.heads {
+            let (gq, gk, gv) = &results[b * dims.heads + h];
+            let kh = dims.kv_head(h);
+            dq.slice_mut(s![.., h * d..(h + 1) * d]).assign(gq);
+            dk.slice_mut(s![.., kh * d..(kh + 1) * d]).scaled_add(T::one(), gk);
+            dv.slice_mut(s![.., kh * d..(kh + 1) * d]).scaled_add(T::one(), gv);
+        }
+    });
     (dq, dk, dv)
 }
 
-/// Cross-entropy of next-token prediction for the rows of one sequence: row t of `logits`
-/// predicts `labels[t + 1]`; labels equal to [`crate::IGNORE_INDEX`] do not count. Returns the sum
-/// of the losses (f64) and the number of predictions counted. With `grad`, the logits are
-/// overwritten by d(sum)/d(logits) multiplied by `grad_scale`.
+/// Cross-entropy of next-token prediction for a run of rows: row i of `logits` predicts
+/// `targets[i]` (the shifted labels, see `Batch::targets`); targets equal to
+/// [`crate::IGNORE_INDEX`] do not count. Returns the sum of the losses (f64) and the number of
+/// predictions counted. With `grad`, the logits are overwritten by d(sum)/d(logits) multiplied by
+/// `grad`.
 pub(crate) fn cross_entropy_rows<T: Scalar>(
     logits: &mut ndarray::ArrayViewMut2<'_, T>,
-    labels: ndarray::ArrayView1<'_, i64>,
+    targets: ndarray::ArrayView1<'_, i64>,
     grad: Option<T>,
 ) -> (f64, usize) {
     let mut sum = 0.0;
     let mut count = 0;
-    let t = labels.len();
-    for (pos, mut row) in logits.axis_iter_mut(Axis(0)).enumerate() {
-        let label = if pos + 1 < t { labels[pos + 1] } else { crate::IGNORE_INDEX };
+    for (mut row, &label) in logits.axis_iter_mut(Axis(0)).zip(&targets) {
         if label == crate::IGNORE_INDEX {
             if grad.is_some() {
                 row.fill(T::zero());

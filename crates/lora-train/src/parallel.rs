@@ -92,22 +92,59 @@ impl Par {
         out: &mut Array2<T>,
         f: impl Fn(usize, ArrayViewMut2<'_, T>) + Sync + Send,
     ) {
+        self.row_chunks_map(out, f);
+    }
+
+    /// [`Par::row_chunks`] returning what `f` returns for each chunk, in row order.
+    pub(crate) fn row_chunks_map<T: Send + Sync, R: Send>(
+        &self,
+        out: &mut Array2<T>,
+        f: impl Fn(usize, ArrayViewMut2<'_, T>) -> R + Sync + Send,
+    ) -> Vec<R> {
         let rows = chunk_rows(out.nrows());
         let chunks: Vec<_> = out.axis_chunks_iter_mut(Axis(0), rows).enumerate().collect();
-        self.map_vec(chunks, |(i, chunk)| f(i * rows, chunk));
+        self.map_vec(chunks, |(i, chunk)| f(i * rows, chunk))
+    }
+
+    /// A (rows, cols) matrix of zeros, written by the pool's threads.
+    ///
+    /// `Array2::zeros` clears the memory on the calling thread (glibc's `calloc` of a reused
+    /// block is a `memset`) while the other threads wait; a training step allocates about 0.7 GB
+    /// of such matrices, about 5% of its CPU time on the bench config.
+    pub(crate) fn zeros<T: Scalar>(&self, rows: usize, cols: usize) -> Array2<T> {
+        let len = rows * cols;
+        let data = match &self.pool {
+            Some(_) if len >= PARALLEL_FILL => {
+                let mut data = Vec::with_capacity(len);
+                (0..len).into_par_iter().map(|_| T::zero()).collect_into_vec(&mut data);
+                data
+            }
+            _ => vec![T::zero(); len],
+        };
+        Array2::from_shape_vec((rows, cols), data).expect("rows x cols elements")
+    }
+
+    /// a += b, by chunks of rows.
+    pub(crate) fn add_assign<T: Scalar>(&self, a: &mut Array2<T>, b: &Array2<T>) {
+        self.row_chunks(a, |first, mut chunk| {
+            chunk += &b.slice(s![first..first + chunk.nrows(), ..]);
+        });
     }
 }
 
-/// Rows per piece of work in [`Par::row_chunks`] for a matrix of `rows` rows: about an eighth
-/// of them (enough pieces to share among a few threads), in multiples of 64, from 128 to 512.
+/// Below this many elements [`Par::zeros`] fills on the calling thread.
+const PARALLEL_FILL: usize = 1 << 16;
+
+/// Rows per piece of work in [`Par::row_chunks`] for a matrix of `rows` rows: about a quarter
+/// of them (enough pieces to share among a few threads), in multiples of 64, from 128 to 1024.
 ///
 /// Every piece of a product `x Wᵀ` is one GEMM call, which packs all of W again, so fewer,
 /// taller pieces pack the weights fewer times: on the issue-6 bench config (2048 rows) pieces of
-/// 256 rows instead of 128 took about 10% less CPU time per training step (docs/benchmarks.md).
-/// A function of `rows` alone, so the pieces, and the results, are the same whatever the
-/// thread count.
+/// 256 rows instead of 128 took about 10% less CPU time per training step, and pieces of 512
+/// instead of 256 about 5% less again on a quiet machine (docs/benchmarks.md). A function of
+/// `rows` alone, so the pieces, and the results, are the same whatever the thread count.
 pub(crate) fn chunk_rows(rows: usize) -> usize {
-    rows.div_ceil(8).next_multiple_of(64).clamp(128, 512)
+    rows.div_ceil(4).next_multiple_of(64).clamp(128, 1024)
 }
 
 /// c = alpha a b + beta c, with a's and c's rows split into
