@@ -91,7 +91,7 @@ impl<T: Scalar> Rope<T> {
 
 /// SiLU.
 pub(crate) fn silu<T: Scalar>(x: T) -> T {
-    x / (T::one() + (-x).exp())
+    x / (T::one() + (-x).exp_vectorised())
 }
 
 /// act = silu(g) ⊙ u.
@@ -121,7 +121,7 @@ pub(crate) fn swiglu_backward<T: Scalar>(
         Zip::from(&mut dg).and(&mut du).and(da.slice(r)).and(g.slice(r)).and(u.slice(r)).for_each(
             |dg, du, &da, &g, &u| {
                 // silu(g) = g sig, silu'(g) = sig (1 + g (1 - sig)), sig = 1 / (1 + exp(-g))
-                let denom = T::one() + (-g).exp();
+                let denom = T::one() + (-g).exp_vectorised();
                 let sig = T::one() / denom;
                 *du = da * (g / denom);
                 *dg = da * u * (sig * (T::one() + g * (T::one() - sig)));
@@ -161,6 +161,49 @@ const QUERY_BLOCK: usize = 64;
 /// queries before it see no key.
 fn first_visible(keep: Option<&Array2<bool>>, b: usize, seq: usize) -> usize {
     keep.map_or(0, |m| m.row(b).iter().position(|&k| k).unwrap_or(seq))
+}
+
+/// Lanes of the vectorisable reductions in [`softmax_numerators`] and [`dot`].
+const LANES: usize = 8;
+
+/// e^(x - max(x)) in place; returns their sum. The max and the sum run in [`LANES`] partial
+/// results (combined in a fixed order), so the loops vectorise.
+fn softmax_numerators<T: Scalar>(x: &mut [T]) -> T {
+    let mut lanes = [T::neg_infinity(); LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let max = chunks.remainder().iter().chain(&lanes).fold(T::neg_infinity(), |m, &v| if v > m { v } else { m });
+    let mut sums = [T::zero(); LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (s, v) in sums.iter_mut().zip(c) {
+            *v = (*v - max).exp_vectorised();
+            *s += *v;
+        }
+    }
+    let mut sum = sums.iter().fold(T::zero(), |a, &b| a + b);
+    for v in chunks.into_remainder() {
+        *v = (*v - max).exp_vectorised();
+        sum += *v;
+    }
+    sum
+}
+
+/// Σ a_i b_i in [`LANES`] partial sums (combined in a fixed order), so the loop vectorises.
+fn dot<T: Scalar>(a: &[T], b: &[T]) -> T {
+    let mut sums = [T::zero(); LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail = ca.remainder().iter().zip(cb.remainder()).fold(T::zero(), |acc, (&x, &y)| acc + x * y);
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            sums[i] += x[i] * y[i];
+        }
+    }
+    sums.iter().fold(tail, |a, &b| a + b)
 }
 
 /// Causal softmax attention for every (sequence, head), in parallel. q is (rows, heads x d)
@@ -211,15 +254,20 @@ pub(crate) fn attention_blocks<T: Scalar>(
                     row.fill(T::zero());
                     continue;
                 }
-                let visible = |j: usize| keep_row.is_none_or(|m| m[j]);
-                let max = (first..=qi).filter(|&j| visible(j)).map(|j| row[j]).fold(T::neg_infinity(), T::max);
-                let mut sum = T::zero();
-                for j in 0..=qi {
-                    let e = if visible(j) { (row[j] - max).exp() } else { T::zero() };
-                    row[j] = e;
-                    sum += e;
-                }
                 let mut row = row.slice_mut(s![..=qi]);
+                let sum = match (keep_row, row.as_slice_mut()) {
+                    (None, Some(row)) => softmax_numerators(row),
+                    _ => {
+                        let visible = |j: usize| keep_row.is_none_or(|m| m[j]);
+                        let max = (first..=qi).filter(|&j| visible(j)).map(|j| row[j]).fold(T::neg_infinity(), T::max);
+                        let mut sum = T::zero();
+                        for (j, v) in row.iter_mut().enumerate() {
+                            *v = if visible(j) { (*v - max).exp_vectorised() } else { T::zero() };
+                            sum += *v;
+                        }
+                        sum
+                    }
+                };
                 row /= sum;
             }
             // what the block's scores left above the diagonal
@@ -295,7 +343,10 @@ pub(crate) fn attention_backward_blocks<T: Scalar>(
             // query that sees no key (its probabilities are stored as zeros: its uniform
             // attention does not depend on the scores)
             Zip::from(dp.rows_mut()).and(pb.rows()).for_each(|mut dp, p| {
-                let dot = Zip::from(&dp).and(&p).fold(T::zero(), |acc, &a, &b| acc + a * b);
+                let dot = match (dp.as_slice(), p.as_slice()) {
+                    (Some(a), Some(b)) => dot(a, b),
+                    _ => Zip::from(&dp).and(&p).fold(T::zero(), |acc, &a, &b| acc + a * b),
+                };
                 Zip::from(&mut dp).and(&p).for_each(|ds, &p| *ds = p * (*ds - dot));
             });
             general_mat_mul(scale, &dp, &km.slice(s![..q1, ..]), T::zero(), &mut dq.slice_mut(s![q0..q1, ..]));
@@ -357,10 +408,10 @@ pub(crate) fn cross_entropy_rows<T: Scalar>(
         // one exp per logit, in T (vectorisable); the sum of the exponentials in f64
         let sum_exp = match grad {
             Some(_) => {
-                row.mapv_inplace(|v| (v - max).exp());
+                row.mapv_inplace(|v| (v - max).exp_vectorised());
                 row.iter().map(|e| e.as_f64()).sum::<f64>()
             }
-            None => row.iter().map(|&v| (v - max).exp().as_f64()).sum::<f64>(),
+            None => row.iter().map(|&v| (v - max).exp_vectorised().as_f64()).sum::<f64>(),
         };
         sum += max.as_f64() + sum_exp.ln() - target.as_f64();
         count += 1;
