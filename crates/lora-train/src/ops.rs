@@ -210,8 +210,9 @@ fn dot<T: Scalar>(a: &[T], b: &[T]) -> T {
 /// after rotary embedding, k and v (rows, kv_heads x d). `keep[b][j]` false masks key j of
 /// sequence b (padding); a query with no visible key attends uniformly to every position, as in
 /// transformers. Returns the output (rows, heads x d) and the probabilities of every
-/// (sequence, head), (seq, seq) each, zero above the diagonal and on the rows of queries that
-/// see no key (their uniform attention is applied apart, here and in [`attention_backward`]).
+/// (sequence, head), (seq, seq) each, stacked by rows (sequence b, head h at rows
+/// (b x heads + h) x seq): zero above the diagonal and on the rows of queries that see no key
+/// (their uniform attention is applied apart, here and in [`attention_backward`]).
 pub(crate) fn attention<T: Scalar>(
     q: &Array2<T>,
     k: &Array2<T>,
@@ -219,7 +220,7 @@ pub(crate) fn attention<T: Scalar>(
     dims: AttnDims,
     keep: Option<&Array2<bool>>,
     par: &Par,
-) -> (Array2<T>, Vec<Array2<T>>) {
+) -> (Array2<T>, Array2<T>) {
     attention_blocks(q, k, v, dims, keep, par, QUERY_BLOCK)
 }
 
@@ -231,16 +232,18 @@ pub(crate) fn attention_blocks<T: Scalar>(
     keep: Option<&Array2<bool>>,
     par: &Par,
     block: usize,
-) -> (Array2<T>, Vec<Array2<T>>) {
+) -> (Array2<T>, Array2<T>) {
     let (t, d) = (dims.seq, dims.head_dim);
     let scale = T::from_f64(1.0 / (d as f64).sqrt());
-    let results = par.map(dims.batch * dims.heads, |i| {
+    // one buffer for every (sequence, head), cleared by the pool's threads
+    let mut probs = par.zeros(dims.batch * dims.heads * t, t);
+    let tasks: Vec<_> = probs.axis_chunks_iter_mut(Axis(0), t).enumerate().collect();
+    let results = par.map_vec(tasks, |(i, mut p)| {
         let (b, h) = (i / dims.heads, i % dims.heads);
         let kh = dims.kv_head(h);
         let (qm, km, vm) = (dims.block(q, b, h), dims.block(k, b, kh), dims.block(v, b, kh));
         let keep_row = keep.map(|m| m.row(b));
         let first = first_visible(keep, b, t);
-        let mut p = Array2::zeros((t, t));
         let mut out = Array2::zeros((t, d));
         for q0 in (0..t).step_by(block) {
             let q1 = (q0 + block).min(t);
@@ -286,17 +289,17 @@ pub(crate) fn attention_blocks<T: Scalar>(
             let mean = vm.sum_axis(Axis(0)) / T::from_f64(t as f64);
             out.slice_mut(s![..first.min(t), ..]).assign(&mean.broadcast((first.min(t), d)).expect("row"));
         }
-        (p, out)
+        out
     });
     // each sequence's rows of the output gathered from its heads, sequences in parallel
     let mut o = par.zeros(dims.batch * t, dims.heads * d);
     let sequences: Vec<_> = o.axis_chunks_iter_mut(Axis(0), t).enumerate().collect();
     par.map_vec(sequences, |(b, mut ob)| {
         for h in 0..dims.heads {
-            ob.slice_mut(s![.., h * d..(h + 1) * d]).assign(&results[b * dims.heads + h].1);
+            ob.slice_mut(s![.., h * d..(h + 1) * d]).assign(&results[b * dims.heads + h]);
         }
     });
-    (o, results.into_iter().map(|(p, _)| p).collect())
+    (o, probs)
 }
 
 /// Backward of [`attention`]: (dq, dk, dv) from the output gradient, with key and value
@@ -304,7 +307,7 @@ pub(crate) fn attention_blocks<T: Scalar>(
 pub(crate) fn attention_backward<T: Scalar>(
     d_o: &Array2<T>,
     qkv: [&Array2<T>; 3],
-    probs: &[Array2<T>],
+    probs: &Array2<T>,
     dims: AttnDims,
     keep: Option<&Array2<bool>>,
     par: &Par,
@@ -315,7 +318,7 @@ pub(crate) fn attention_backward<T: Scalar>(
 pub(crate) fn attention_backward_blocks<T: Scalar>(
     d_o: &Array2<T>,
     [q, k, v]: [&Array2<T>; 3],
-    probs: &[Array2<T>],
+    probs: &Array2<T>,
     dims: AttnDims,
     keep: Option<&Array2<bool>>,
     par: &Par,
@@ -327,7 +330,7 @@ pub(crate) fn attention_backward_blocks<T: Scalar>(
         let (b, h) = (i / dims.heads, i % dims.heads);
         let kh = dims.kv_head(h);
         let (qm, km, vm) = (dims.block(q, b, h), dims.block(k, b, kh), dims.block(v, b, kh));
-        let p = &probs[i];
+        let p = probs.slice(s![i * t..(i + 1) * t, ..]);
         let dout = dims.block(d_o, b, h);
         let mut dq = Array2::zeros((t, d));
         let mut dk = Array2::zeros((t, d));
