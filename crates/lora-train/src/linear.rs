@@ -48,11 +48,12 @@ pub(crate) struct Linear<T> {
 }
 
 /// What the backward pass of a [`Linear`] needs besides its input: the LoRA branch's
-/// dropout mask (scaled by 1 / (1 - p)) and x Aᵀ.
+/// dropout mask (scaled by 1 / (1 - p)), x Aᵀ, and W + s B A when the branch has no mask.
 #[derive(Debug)]
 pub(crate) struct LinearCache<T> {
     mask: Option<Array2<T>>,
     xa: Option<Array2<T>>,
+    merged: Option<Array2<T>>,
 }
 
 /// The gradient of the loss for the two factors of one LoRA module.
@@ -74,11 +75,16 @@ impl<T: Scalar> Linear<T> {
     }
 
     /// The forward pass. `dropout_seed` is given in training: the LoRA dropout mask is drawn
-    /// from it (so a recomputation draws the same mask). The small LoRA product is computed
-    /// first and the base product accumulates into it, so B = 0 adds exactly nothing.
+    /// from it (so a recomputation draws the same mask).
+    ///
+    /// Without a dropout mask the branch is merged for the pass: y = x (W + s B A)ᵀ, one
+    /// product over the output instead of the base product plus a rank-r one (each a full pass
+    /// over y, and the rank-r pass runs far from the CPU's peak); building W + s B A costs
+    /// r / rows of the base product. The backward pass reuses the merged weight for the input
+    /// gradient. B = 0 adds exactly nothing to W, so the base model's numbers are kept exactly.
     pub(crate) fn forward(&self, x: &Array2<T>, dropout_seed: Option<u64>, par: &Par) -> (Array2<T>, LinearCache<T>) {
         let mut y = par.zeros(x.nrows(), self.d_out());
-        let mut cache = LinearCache { mask: None, xa: None };
+        let mut cache = LinearCache { mask: None, xa: None, merged: None };
         if let Some(lora) = &self.lora {
             let mask = match dropout_seed {
                 Some(seed) if lora.dropout > 0.0 => Some(dropout_mask(x.raw_dim(), lora.dropout, seed)),
@@ -90,20 +96,34 @@ impl<T: Scalar> Linear<T> {
                 Some(m) => gemm(par, T::one(), &(x * m), &lora.a.t(), T::one(), &mut xa),
                 None => gemm(par, T::one(), x, &lora.a.t(), T::one(), &mut xa),
             }
-            cache = LinearCache { mask, xa: Some(xa) };
+            let merged = mask.is_none().then(|| self.merged_weight(lora, par));
+            cache = LinearCache { mask, xa: Some(xa), merged };
         }
-        let (xa, lora) = (cache.xa.as_ref(), self.lora.as_ref());
+        let weight = cache.merged.as_ref().unwrap_or(&self.weight);
+        let (xa, lora) = (cache.xa.as_ref(), self.lora.as_ref().filter(|_| cache.mask.is_some()));
         par.row_chunks(&mut y, |first, mut chunk| {
             let rows = first..first + chunk.nrows();
             if let Some(bias) = &self.bias {
                 chunk += bias;
             }
+            // a masked branch apart: s (dropout(x) Aᵀ) Bᵀ first, the base product added to it
             if let (Some(xa), Some(lora)) = (xa, lora) {
                 general_mat_mul(lora.scale(), &xa.slice(s![rows.clone(), ..]), &lora.b.t(), T::one(), &mut chunk);
             }
-            general_mat_mul(T::one(), &x.slice(s![rows, ..]), &self.weight.t(), T::one(), &mut chunk);
+            general_mat_mul(T::one(), &x.slice(s![rows, ..]), &weight.t(), T::one(), &mut chunk);
         });
         (y, cache)
+    }
+
+    /// W + s B A, by pieces of rows on the pool.
+    fn merged_weight(&self, lora: &LoraParams<T>, par: &Par) -> Array2<T> {
+        let mut merged = par.zeros(self.d_out(), self.d_in());
+        par.row_chunks(&mut merged, |first, mut chunk| {
+            let rows = first..first + chunk.nrows();
+            chunk.assign(&self.weight.slice(s![rows.clone(), ..]));
+            general_mat_mul(lora.scale(), &lora.b.slice(s![rows, ..]), &lora.a, T::one(), &mut chunk);
+        });
+        merged
     }
 
     /// The backward pass: adds dy W (+ the LoRA branch's input gradient) into `dx` (`None` when
@@ -114,7 +134,7 @@ impl<T: Scalar> Linear<T> {
         dy: &Array2<T>,
         x: &Array2<T>,
         cache: &LinearCache<T>,
-        dx: Option<&mut Array2<T>>,
+        mut dx: Option<&mut Array2<T>>,
         par: &Par,
     ) -> Option<LoraGrad<T>> {
         let Some(lora) = self.lora.as_ref() else {
@@ -126,7 +146,10 @@ impl<T: Scalar> Linear<T> {
         let s = lora.scale();
         let mut gb = Array2::zeros((dy.nrows(), lora.b.ncols())); // dy B, (n, r)
         gemm(par, T::one(), dy, &lora.b, T::one(), &mut gb);
-        if let Some(dx) = dx {
+        if let (Some(dx), Some(merged)) = (dx.as_deref_mut(), &cache.merged) {
+            // dy (W + s B A): the base and the branch's input gradients in one product
+            gemm(par, T::one(), dy, merged, T::one(), dx);
+        } else if let Some(dx) = dx {
             par.row_chunks(dx, |first, mut chunk| {
                 let rows = first..first + chunk.nrows();
                 general_mat_mul(T::one(), &dy.slice(s![rows.clone(), ..]), &self.weight, T::one(), &mut chunk);
