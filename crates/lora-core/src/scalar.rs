@@ -65,7 +65,7 @@ impl Scalar for f32 {
             DType::F64 => each::<8, _>(bytes, out, |b| f64::from_le_bytes(b) as f32),
         }
     }
-    #[inline]
+    #[inline(always)]
     fn exp_vectorised(self) -> f32 {
         // e^x = 2^n e^r with n = round(x log2 e) and |r| <= ln 2 / 2; adding 1.5 x 2^23 rounds
         // x log2 e to an integer held in the low bits of the sum (round to nearest even)

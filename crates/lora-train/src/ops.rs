@@ -6,7 +6,7 @@ use lora_core::Scalar;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{s, Array1, Array2, ArrayView2, Axis, Zip};
 
-use crate::parallel::{chunk_rows, Par};
+use crate::parallel::{chunk_rows, multiversioned, Par};
 
 /// y = w ⊙ x / sqrt(mean(x²) + eps) per row; also returns 1 / sqrt(mean(x²) + eps) per row.
 pub(crate) fn rms_norm<T: Scalar>(x: &Array2<T>, w: &Array1<T>, eps: f64, par: &Par) -> (Array2<T>, Array1<T>) {
@@ -90,18 +90,33 @@ impl<T: Scalar> Rope<T> {
 }
 
 /// SiLU.
+#[inline(always)]
 pub(crate) fn silu<T: Scalar>(x: T) -> T {
     x / (T::one() + (-x).exp_vectorised())
 }
 
 /// act = silu(g) ⊙ u.
 pub(crate) fn swiglu<T: Scalar>(g: &Array2<T>, u: &Array2<T>, par: &Par) -> Array2<T> {
+    let (g, u) = (g.as_standard_layout(), u.as_standard_layout());
     let mut act = par.zeros(g.nrows(), g.ncols());
+    let cols = g.ncols();
     par.row_chunks(&mut act, |first, mut chunk| {
-        let rows = s![first..first + chunk.nrows(), ..];
-        Zip::from(&mut chunk).and(g.slice(rows)).and(u.slice(rows)).for_each(|a, &g, &u| *a = silu(g) * u);
+        let span = first * cols..(first + chunk.nrows()) * cols;
+        let act = chunk.as_slice_mut().expect("rows of a standard-layout matrix");
+        let (g, u) =
+            (&g.as_slice().expect("standard layout")[span.clone()], &u.as_slice().expect("standard layout")[span]);
+        swiglu_kernel(act, g, u);
     });
     act
+}
+
+multiversioned! {
+    /// act = silu(g) ⊙ u over slices of equal length.
+    fn swiglu_kernel<T: Scalar>(act: &mut [T], g: &[T], u: &[T]) {
+        for ((a, &g), &u) in act.iter_mut().zip(g).zip(u) {
+            *a = silu(g) * u;
+        }
+    }
 }
 
 /// Backward of [`swiglu`]: (dg, du), in one pass over the rows with one exponential per entry.
@@ -111,24 +126,34 @@ pub(crate) fn swiglu_backward<T: Scalar>(
     u: &Array2<T>,
     par: &Par,
 ) -> (Array2<T>, Array2<T>) {
+    let (da, g, u) = (da.as_standard_layout(), g.as_standard_layout(), u.as_standard_layout());
     let mut dg = par.zeros(g.nrows(), g.ncols());
     let mut du = par.zeros(g.nrows(), g.ncols());
-    let rows = chunk_rows(g.nrows());
+    let (rows, cols) = (chunk_rows(g.nrows()), g.ncols());
     let pieces: Vec<_> =
         dg.axis_chunks_iter_mut(Axis(0), rows).zip(du.axis_chunks_iter_mut(Axis(0), rows)).enumerate().collect();
+    let [da, g, u] = [&da, &g, &u].map(|m| m.as_slice().expect("standard layout"));
     par.map_vec(pieces, |(i, (mut dg, mut du))| {
-        let r = s![i * rows..i * rows + dg.nrows(), ..];
-        Zip::from(&mut dg).and(&mut du).and(da.slice(r)).and(g.slice(r)).and(u.slice(r)).for_each(
-            |dg, du, &da, &g, &u| {
-                // silu(g) = g sig, silu'(g) = sig (1 + g (1 - sig)), sig = 1 / (1 + exp(-g))
-                let denom = T::one() + (-g).exp_vectorised();
-                let sig = T::one() / denom;
-                *du = da * (g / denom);
-                *dg = da * u * (sig * (T::one() + g * (T::one() - sig)));
-            },
-        );
+        let span = i * rows * cols..(i * rows + dg.nrows()) * cols;
+        let dg = dg.as_slice_mut().expect("rows of a standard-layout matrix");
+        let du = du.as_slice_mut().expect("rows of a standard-layout matrix");
+        let (da, g, u) = (&da[span.clone()], &g[span.clone()], &u[span]);
+        swiglu_backward_kernel(dg, du, da, g, u);
     });
     (dg, du)
+}
+
+multiversioned! {
+    /// The body of [`swiglu_backward`] over slices of equal length.
+    fn swiglu_backward_kernel<T: Scalar>(dg: &mut [T], du: &mut [T], da: &[T], g: &[T], u: &[T]) {
+    for ((((dg, du), &da), &g), &u) in dg.iter_mut().zip(du.iter_mut()).zip(da).zip(g).zip(u) {
+        // silu(g) = g sig, silu'(g) = sig (1 + g (1 - sig)), sig = 1 / (1 + exp(-g))
+        let denom = T::one() + (-g).exp_vectorised();
+        let sig = T::one() / denom;
+        *du = da * (g / denom);
+        *dg = da * u * (sig * (T::one() + g * (T::one() - sig)));
+    }
+    }
 }
 
 /// Shapes of one attention call.
@@ -166,17 +191,26 @@ fn first_visible(keep: Option<&Array2<bool>>, b: usize, seq: usize) -> usize {
 /// Lanes of the vectorisable reductions in [`softmax_numerators`] and [`dot`].
 const LANES: usize = 8;
 
-/// e^(x - max(x)) in place; returns their sum. The max and the sum run in [`LANES`] partial
-/// results (combined in a fixed order), so the loops vectorise.
-fn softmax_numerators<T: Scalar>(x: &mut [T]) -> T {
+/// The largest element (NaN ignored unless every element is NaN; -inf for none), in [`LANES`]
+/// partial results so the loop vectorises.
+#[inline(always)]
+fn max_of<T: Scalar>(x: &[T]) -> T {
     let mut lanes = [T::neg_infinity(); LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for c in &mut chunks {
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
         for (m, &v) in lanes.iter_mut().zip(c) {
             *m = if v > *m { v } else { *m };
         }
     }
-    let max = chunks.remainder().iter().chain(&lanes).fold(T::neg_infinity(), |m, &v| if v > m { v } else { m });
+    tail.iter().chain(&lanes).fold(T::neg_infinity(), |m, &v| if v > m { v } else { m })
+}
+
+multiversioned! {
+/// e^(x - max(x)) in place; returns their sum. The max and the sum run in [`LANES`] partial
+/// results (combined in a fixed order), so the loops vectorise.
+fn softmax_numerators<T: Scalar>(x: &mut [T]) -> T {
+    let max = max_of(x);
     let mut sums = [T::zero(); LANES];
     let mut chunks = x.chunks_exact_mut(LANES);
     for c in &mut chunks {
@@ -192,8 +226,20 @@ fn softmax_numerators<T: Scalar>(x: &mut [T]) -> T {
     }
     sum
 }
+}
+
+multiversioned! {
+    /// ds = p ⊙ (dp - Σ dp_i p_i) over one row, written over dp.
+    fn softmax_backward_kernel<T: Scalar>(dp: &mut [T], p: &[T]) {
+        let dot = dot(dp, p);
+        for (ds, &p) in dp.iter_mut().zip(p) {
+            *ds = p * (*ds - dot);
+        }
+    }
+}
 
 /// Σ a_i b_i in [`LANES`] partial sums (combined in a fixed order), so the loop vectorises.
+#[inline(always)]
 fn dot<T: Scalar>(a: &[T], b: &[T]) -> T {
     let mut sums = [T::zero(); LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -345,12 +391,12 @@ pub(crate) fn attention_backward_blocks<T: Scalar>(
             // dS = P ⊙ (dP - rowsum(dP ⊙ P)), written over dP; zero above the diagonal and for a
             // query that sees no key (its probabilities are stored as zeros: its uniform
             // attention does not depend on the scores)
-            Zip::from(dp.rows_mut()).and(pb.rows()).for_each(|mut dp, p| {
-                let dot = match (dp.as_slice(), p.as_slice()) {
-                    (Some(a), Some(b)) => dot(a, b),
-                    _ => Zip::from(&dp).and(&p).fold(T::zero(), |acc, &a, &b| acc + a * b),
-                };
-                Zip::from(&mut dp).and(&p).for_each(|ds, &p| *ds = p * (*ds - dot));
+            Zip::from(dp.rows_mut()).and(pb.rows()).for_each(|mut dp, p| match (dp.as_slice_mut(), p.as_slice()) {
+                (Some(ds), Some(p)) => softmax_backward_kernel(ds, p),
+                _ => {
+                    let dot = Zip::from(&dp).and(&p).fold(T::zero(), |acc, &a, &b| acc + a * b);
+                    Zip::from(&mut dp).and(&p).for_each(|ds, &p| *ds = p * (*ds - dot));
+                }
             });
             general_mat_mul(scale, &dp, &km.slice(s![..q1, ..]), T::zero(), &mut dq.slice_mut(s![q0..q1, ..]));
             general_mat_mul(scale, &dp.t(), &qm.slice(s![q0..q1, ..]), T::one(), &mut dk.slice_mut(s![..q1, ..]));
@@ -405,25 +451,45 @@ pub(crate) fn cross_entropy_rows<T: Scalar>(
             }
             continue;
         }
-        let label = label as usize;
-        let max = row.iter().copied().fold(T::neg_infinity(), T::max);
-        let target = row[label];
-        // one exp per logit, in T (vectorisable); the sum of the exponentials in f64
-        let sum_exp = match grad {
-            Some(_) => {
-                row.mapv_inplace(|v| (v - max).exp_vectorised());
-                row.iter().map(|e| e.as_f64()).sum::<f64>()
-            }
-            None => row.iter().map(|&v| (v - max).exp_vectorised().as_f64()).sum::<f64>(),
-        };
-        sum += max.as_f64() + sum_exp.ln() - target.as_f64();
+        let row = row.as_slice_mut().expect("logits rows are contiguous");
+        sum += cross_entropy_kernel(row, label as usize, grad);
         count += 1;
-        if let Some(scale) = grad {
-            // d/dlogit = softmax - onehot, times the 1 / count of the mean
-            let factor = T::from_f64(scale.as_f64() / sum_exp);
-            row *= factor;
-            row[label] -= scale;
-        }
     }
     (sum, count)
+}
+
+multiversioned! {
+/// The loss of one row of logits for the label `label`; with `grad`, the row is overwritten by
+/// grad x (softmax - onehot).
+fn cross_entropy_kernel<T: Scalar>(row: &mut [T], label: usize, grad: Option<T>) -> f64 {
+    let max = max_of(row);
+    let target = row[label];
+    // one exp per logit, in T; the sum of the exponentials in f64, in lanes
+    let mut sums = [0.0f64; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (s, v) in sums.iter_mut().zip(c) {
+            let e = (*v - max).exp_vectorised();
+            if grad.is_some() {
+                *v = e;
+            }
+            *s += e.as_f64();
+        }
+    }
+    let mut sum_exp = sums.iter().sum::<f64>();
+    for v in chunks.into_remainder() {
+        let e = (*v - max).exp_vectorised();
+        if grad.is_some() {
+            *v = e;
+        }
+        sum_exp += e.as_f64();
+    }
+    if let Some(scale) = grad {
+        // d/dlogit = softmax - onehot, times the 1 / count of the mean
+        let factor = T::from_f64(scale.as_f64() / sum_exp);
+        row.iter_mut().for_each(|v| *v *= factor);
+        row[label] -= scale;
+    }
+    max.as_f64() + sum_exp.ln() - target.as_f64()
+}
 }

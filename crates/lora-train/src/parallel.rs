@@ -137,6 +137,61 @@ impl Par {
     }
 }
 
+/// Defines `fn name<T: Scalar>(args) -> R` that runs `body` compiled for AVX-512 (or AVX2)
+/// when the CPU has it, and for baseline x86-64 otherwise.
+///
+/// The workspace builds for baseline x86-64, whose vectors hold 4 f32; the exponentials of
+/// softmax, SiLU and the loss run several times faster with 16 lanes. The body is an
+/// `#[inline(always)]` function called directly from each target-feature copy, so all of it
+/// (and what it calls inline, such as `Scalar::exp_vectorised`) is compiled with the
+/// features. Target features do not enable FMA contraction (Rust never fuses a * b + c on its
+/// own), so every element is computed by the same operations on every path: the results are
+/// identical.
+macro_rules! multiversioned {
+    ($(#[$meta:meta])* fn $name:ident<T: Scalar>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        #[allow(unsafe_code)] // calls of target-feature functions, after the CPU checks
+        fn $name<T: Scalar>($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn kernel<T: Scalar>($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            if !$crate::parallel::baseline_only() {
+                #[target_feature(enable = "avx512f,avx2")]
+                fn avx512<T: Scalar>($($arg: $ty),*) $(-> $ret)? {
+                    kernel($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                fn avx2<T: Scalar>($($arg: $ty),*) $(-> $ret)? {
+                    kernel($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has the features avx512 was compiled for
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has the feature avx2 was compiled for
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            kernel($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversioned;
+
+/// Tests set this to run [`multiversioned`] functions in their baseline copy.
+#[cfg(test)]
+pub(crate) static BASELINE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether [`multiversioned`] functions must run their baseline copy (only ever in tests).
+#[inline(always)]
+pub(crate) fn baseline_only() -> bool {
+    #[cfg(test)]
+    return BASELINE_ONLY.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(test))]
+    false
+}
+
 /// Below this many elements [`Par::zeros`] fills on the calling thread.
 const PARALLEL_FILL: usize = 1 << 16;
 

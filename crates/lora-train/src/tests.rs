@@ -197,6 +197,29 @@ fn threads_give_the_same_numbers_over_many_row_chunks_and_query_blocks() {
 }
 
 #[test]
+fn the_avx_kernels_give_the_baseline_numbers_in_f32() {
+    use std::sync::atomic::Ordering;
+    // f32, where the kernels' exponentials are the vectorised polynomial; 2 x 37 positions
+    // leave remainders after every lane of 8 and 16; no dropout, so the branch is merged
+    let config = qwen2_gqa_tied();
+    let model: Model<f32> = Model::from_source(config.clone(), &random_weights(&config, 7)).unwrap();
+    let mut model = model.with_parallelism(Parallelism::Threads(2)).unwrap();
+    let mut lora = LoraConfig::new(2, 3.0, TargetModules::AllLinear);
+    lora.init = Init::Random { b_std: 0.3 };
+    model.add_lora(&lora).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let ids = Array2::from_shape_simple_fn((2, 37), || rng.random_range(0..32u32));
+    let batch = Batch::new(ids).unwrap();
+    let run = || (model.loss_and_grads(&batch, StepOptions::default()).unwrap(), model.logits(&batch).unwrap());
+    let dispatched = run();
+    crate::parallel::BASELINE_ONLY.store(true, Ordering::Relaxed);
+    let baseline = run();
+    crate::parallel::BASELINE_ONLY.store(false, Ordering::Relaxed);
+    assert!(dispatched.0 .0.sum.is_finite());
+    assert!(dispatched == baseline, "the AVX copies of the kernels changed the numbers");
+}
+
+#[test]
 fn bad_batches_are_errors_not_panics() {
     let model = random_model(&qwen2_gqa_tied(), 4);
     let too_big = Batch::new(array![[1u32, 40]]).unwrap();
