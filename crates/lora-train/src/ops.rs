@@ -188,8 +188,9 @@ fn first_visible(keep: Option<&Array2<bool>>, b: usize, seq: usize) -> usize {
     keep.map_or(0, |m| m.row(b).iter().position(|&k| k).unwrap_or(seq))
 }
 
-/// Lanes of the vectorisable reductions in [`softmax_numerators`] and [`dot`].
-const LANES: usize = 8;
+/// Lanes of the vectorisable reductions ([`max_of`], [`sum_of`], [`dot`]): one 512-bit vector
+/// of f32.
+const LANES: usize = 16;
 
 /// The largest element (NaN ignored unless every element is NaN; -inf for none), in [`LANES`]
 /// partial results so the loop vectorises.
@@ -207,25 +208,28 @@ fn max_of<T: Scalar>(x: &[T]) -> T {
 }
 
 multiversioned! {
-/// e^(x - max(x)) in place; returns their sum. The max and the sum run in [`LANES`] partial
-/// results (combined in a fixed order), so the loops vectorise.
+/// e^(x - max(x)) in place; returns their sum. One pass per step (max, exponentials, sum), so
+/// each loop vectorises at the full width; the max and the sum run in [`LANES`] partial results
+/// (combined in a fixed order).
 fn softmax_numerators<T: Scalar>(x: &mut [T]) -> T {
     let max = max_of(x);
+    x.iter_mut().for_each(|v| *v = (*v - max).exp_vectorised());
+    sum_of(x)
+}
+}
+
+/// Σ x_i in [`LANES`] partial sums (combined in a fixed order), so the loop vectorises.
+#[inline(always)]
+fn sum_of<T: Scalar>(x: &[T]) -> T {
     let mut sums = [T::zero(); LANES];
-    let mut chunks = x.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for (s, v) in sums.iter_mut().zip(c) {
-            *v = (*v - max).exp_vectorised();
-            *s += *v;
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(T::zero(), |acc, &v| acc + v);
+    for c in chunks {
+        for (s, &v) in sums.iter_mut().zip(c) {
+            *s += v;
         }
     }
-    let mut sum = sums.iter().fold(T::zero(), |a, &b| a + b);
-    for v in chunks.into_remainder() {
-        *v = (*v - max).exp_vectorised();
-        sum += *v;
-    }
-    sum
-}
+    sums.iter().fold(tail, |a, &b| a + b)
 }
 
 multiversioned! {
@@ -435,8 +439,8 @@ pub(crate) fn attention_backward_blocks<T: Scalar>(
 /// Cross-entropy of next-token prediction for a run of rows: row i of `logits` predicts
 /// `targets[i]` (the shifted labels, see `Batch::targets`); targets equal to
 /// [`crate::IGNORE_INDEX`] do not count. Returns the sum of the losses (f64) and the number of
-/// predictions counted. With `grad`, the logits are overwritten by d(sum)/d(logits) multiplied by
-/// `grad`.
+/// predictions counted. The logits are scratch: with `grad` they are overwritten by
+/// d(sum)/d(logits) multiplied by `grad`, without it by the softmax's numerators.
 pub(crate) fn cross_entropy_rows<T: Scalar>(
     logits: &mut ndarray::ArrayViewMut2<'_, T>,
     targets: ndarray::ArrayView1<'_, i64>,
@@ -459,31 +463,23 @@ pub(crate) fn cross_entropy_rows<T: Scalar>(
 }
 
 multiversioned! {
-/// The loss of one row of logits for the label `label`; with `grad`, the row is overwritten by
-/// grad x (softmax - onehot).
+/// The loss of one row of logits for the label `label`. The row is overwritten: by
+/// grad x (softmax - onehot) with `grad`, by the exponentials otherwise.
 fn cross_entropy_kernel<T: Scalar>(row: &mut [T], label: usize, grad: Option<T>) -> f64 {
     let max = max_of(row);
     let target = row[label];
-    // one exp per logit, in T; the sum of the exponentials in f64, in lanes
-    let mut sums = [0.0f64; LANES];
-    let mut chunks = row.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for (s, v) in sums.iter_mut().zip(c) {
-            let e = (*v - max).exp_vectorised();
-            if grad.is_some() {
-                *v = e;
-            }
+    // the exponentials in T, over the row (a full-width vector loop); their sum in f64, in
+    // lanes of 8
+    row.iter_mut().for_each(|v| *v = (*v - max).exp_vectorised());
+    let mut sums = [0.0f64; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks.remainder().iter().map(|e| e.as_f64()).sum::<f64>();
+    for c in chunks {
+        for (s, e) in sums.iter_mut().zip(c) {
             *s += e.as_f64();
         }
     }
-    let mut sum_exp = sums.iter().sum::<f64>();
-    for v in chunks.into_remainder() {
-        let e = (*v - max).exp_vectorised();
-        if grad.is_some() {
-            *v = e;
-        }
-        sum_exp += e.as_f64();
-    }
+    let sum_exp = sums.iter().fold(tail, |a, &b| a + b);
     if let Some(scale) = grad {
         // d/dlogit = softmax - onehot, times the 1 / count of the mean
         let factor = T::from_f64(scale.as_f64() / sum_exp);
