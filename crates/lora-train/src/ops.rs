@@ -177,6 +177,21 @@ impl AttnDims {
     }
 }
 
+/// The blocks of `t` rows (a sequence) by `width` columns (a head, or a group of heads) of `m`,
+/// sequence by sequence and, within one, left to right.
+fn head_blocks<T>(m: &mut Array2<T>, t: usize, width: usize) -> Vec<ndarray::ArrayViewMut2<'_, T>> {
+    let mut blocks = Vec::new();
+    for mut rest in m.axis_chunks_iter_mut(Axis(0), t) {
+        while rest.ncols() > 0 {
+            let cut = width.min(rest.ncols());
+            let (block, tail) = rest.split_at(Axis(1), cut);
+            blocks.push(block);
+            rest = tail;
+        }
+    }
+    blocks
+}
+
 /// Query rows per block in [`attention`]: query block [q0, q1) only meets keys [0, q1), so the
 /// products and the softmax skip the blocks above the diagonal (at 256 positions, 6 of the 16
 /// blocks of 64 x 64).
@@ -287,14 +302,15 @@ pub(crate) fn attention_blocks<T: Scalar>(
     let scale = T::from_f64(1.0 / (d as f64).sqrt());
     // one buffer for every (sequence, head), cleared by the pool's threads
     let mut probs = par.zeros(dims.batch * dims.heads * t, t);
-    let tasks: Vec<_> = probs.axis_chunks_iter_mut(Axis(0), t).enumerate().collect();
-    let results = par.map_vec(tasks, |(i, mut p)| {
+    // each task writes its (sequence, head) block of the output in place
+    let mut o = par.zeros(dims.batch * t, dims.heads * d);
+    let tasks: Vec<_> = probs.axis_chunks_iter_mut(Axis(0), t).zip(head_blocks(&mut o, t, d)).enumerate().collect();
+    par.map_vec(tasks, |(i, (mut p, mut out))| {
         let (b, h) = (i / dims.heads, i % dims.heads);
         let kh = dims.kv_head(h);
         let (qm, km, vm) = (dims.block(q, b, h), dims.block(k, b, kh), dims.block(v, b, kh));
         let keep_row = keep.map(|m| m.row(b));
         let first = first_visible(keep, b, t);
-        let mut out = Array2::zeros((t, d));
         for q0 in (0..t).step_by(block) {
             let q1 = (q0 + block).min(t);
             let mut pb = p.slice_mut(s![q0..q1, ..q1]);
@@ -339,15 +355,6 @@ pub(crate) fn attention_blocks<T: Scalar>(
             let mean = vm.sum_axis(Axis(0)) / T::from_f64(t as f64);
             out.slice_mut(s![..first.min(t), ..]).assign(&mean.broadcast((first.min(t), d)).expect("row"));
         }
-        out
-    });
-    // each sequence's rows of the output gathered from its heads, sequences in parallel
-    let mut o = par.zeros(dims.batch * t, dims.heads * d);
-    let sequences: Vec<_> = o.axis_chunks_iter_mut(Axis(0), t).enumerate().collect();
-    par.map_vec(sequences, |(b, mut ob)| {
-        for h in 0..dims.heads {
-            ob.slice_mut(s![.., h * d..(h + 1) * d]).assign(&results[b * dims.heads + h]);
-        }
     });
     (o, probs)
 }
@@ -375,62 +382,56 @@ pub(crate) fn attention_backward_blocks<T: Scalar>(
     block: usize,
 ) -> (Array2<T>, Array2<T>, Array2<T>) {
     let (t, d) = (dims.seq, dims.head_dim);
+    let group = dims.heads / dims.kv_heads;
     let scale = T::from_f64(1.0 / (d as f64).sqrt());
-    let results = par.map(dims.batch * dims.heads, |i| {
-        let (b, h) = (i / dims.heads, i % dims.heads);
-        let kh = dims.kv_head(h);
-        let (qm, km, vm) = (dims.block(q, b, h), dims.block(k, b, kh), dims.block(v, b, kh));
-        let p = probs.slice(s![i * t..(i + 1) * t, ..]);
-        let dout = dims.block(d_o, b, h);
-        let mut dq = Array2::zeros((t, d));
-        let mut dk = Array2::zeros((t, d));
-        let mut dv = Array2::zeros((t, d));
-        let mut buf = Array2::zeros((block.min(t), t));
-        for q0 in (0..t).step_by(block) {
-            let q1 = (q0 + block).min(t);
-            let (pb, doutb) = (p.slice(s![q0..q1, ..q1]), dout.slice(s![q0..q1, ..]));
-            let mut dp = buf.slice_mut(s![..q1 - q0, ..q1]);
-            general_mat_mul(T::one(), &doutb, &vm.slice(s![..q1, ..]).t(), T::zero(), &mut dp);
-            general_mat_mul(T::one(), &pb.t(), &doutb, T::one(), &mut dv.slice_mut(s![..q1, ..]));
-            // dS = P ⊙ (dP - rowsum(dP ⊙ P)), written over dP; zero above the diagonal and for a
-            // query that sees no key (its probabilities are stored as zeros: its uniform
-            // attention does not depend on the scores)
-            Zip::from(dp.rows_mut()).and(pb.rows()).for_each(|mut dp, p| match (dp.as_slice_mut(), p.as_slice()) {
-                (Some(ds), Some(p)) => softmax_backward_kernel(ds, p),
-                _ => {
-                    let dot = Zip::from(&dp).and(&p).fold(T::zero(), |acc, &a, &b| acc + a * b);
-                    Zip::from(&mut dp).and(&p).for_each(|ds, &p| *ds = p * (*ds - dot));
-                }
-            });
-            general_mat_mul(scale, &dp, &km.slice(s![..q1, ..]), T::zero(), &mut dq.slice_mut(s![q0..q1, ..]));
-            general_mat_mul(scale, &dp.t(), &qm.slice(s![q0..q1, ..]), T::one(), &mut dk.slice_mut(s![..q1, ..]));
-        }
-        // the queries that see no key take the mean of every value
-        let first = first_visible(keep, b, t).min(t);
-        if first > 0 {
-            let sum = dout.slice(s![..first, ..]).sum_axis(Axis(0)) / T::from_f64(t as f64);
-            dv += &sum;
-        }
-        (dq, dk, dv)
-    });
-    // each sequence's rows gathered from its heads, sequences in parallel; the key and value
-    // gradients of the query heads that share a kv head summed in head order
+    // one task per (sequence, kv head), writing its blocks of dq, dk and dv in place: the query
+    // heads of the group one after the other, so their key and value gradients add up in head
+    // order (deterministic)
     let mut dq = par.zeros(q.nrows(), q.ncols());
     let mut dk = par.zeros(k.nrows(), k.ncols());
     let mut dv = par.zeros(v.nrows(), v.ncols());
-    let sequences: Vec<_> = dq
-        .axis_chunks_iter_mut(Axis(0), t)
-        .zip(dk.axis_chunks_iter_mut(Axis(0), t))
-        .zip(dv.axis_chunks_iter_mut(Axis(0), t))
+    let tasks: Vec<_> = head_blocks(&mut dq, t, group * d)
+        .into_iter()
+        .zip(head_blocks(&mut dk, t, d))
+        .zip(head_blocks(&mut dv, t, d))
         .enumerate()
         .collect();
-    par.map_vec(sequences, |(b, ((mut dq, mut dk), mut dv))| {
-        for h in 0..dims.heads {
-            let (gq, gk, gv) = &results[b * dims.heads + h];
-            let kh = dims.kv_head(h);
-            dq.slice_mut(s![.., h * d..(h + 1) * d]).assign(gq);
-            dk.slice_mut(s![.., kh * d..(kh + 1) * d]).scaled_add(T::one(), gk);
-            dv.slice_mut(s![.., kh * d..(kh + 1) * d]).scaled_add(T::one(), gv);
+    par.map_vec(tasks, |(i, ((mut dq, mut dk), mut dv))| {
+        let (b, kh) = (i / dims.kv_heads, i % dims.kv_heads);
+        let (km, vm) = (dims.block(k, b, kh), dims.block(v, b, kh));
+        let mut buf = Array2::zeros((block.min(t), t));
+        for g in 0..group {
+            let h = kh * group + g;
+            let i = b * dims.heads + h;
+            let qm = dims.block(q, b, h);
+            let p = probs.slice(s![i * t..(i + 1) * t, ..]);
+            let dout = dims.block(d_o, b, h);
+            let mut dq = dq.slice_mut(s![.., g * d..(g + 1) * d]);
+            for q0 in (0..t).step_by(block) {
+                let q1 = (q0 + block).min(t);
+                let (pb, doutb) = (p.slice(s![q0..q1, ..q1]), dout.slice(s![q0..q1, ..]));
+                let mut dp = buf.slice_mut(s![..q1 - q0, ..q1]);
+                general_mat_mul(T::one(), &doutb, &vm.slice(s![..q1, ..]).t(), T::zero(), &mut dp);
+                general_mat_mul(T::one(), &pb.t(), &doutb, T::one(), &mut dv.slice_mut(s![..q1, ..]));
+                // dS = P ⊙ (dP - rowsum(dP ⊙ P)), written over dP; zero above the diagonal and
+                // for a query that sees no key (its probabilities are stored as zeros: its
+                // uniform attention does not depend on the scores)
+                Zip::from(dp.rows_mut()).and(pb.rows()).for_each(|mut dp, p| match (dp.as_slice_mut(), p.as_slice()) {
+                    (Some(ds), Some(p)) => softmax_backward_kernel(ds, p),
+                    _ => {
+                        let dot = Zip::from(&dp).and(&p).fold(T::zero(), |acc, &a, &b| acc + a * b);
+                        Zip::from(&mut dp).and(&p).for_each(|ds, &p| *ds = p * (*ds - dot));
+                    }
+                });
+                general_mat_mul(scale, &dp, &km.slice(s![..q1, ..]), T::zero(), &mut dq.slice_mut(s![q0..q1, ..]));
+                general_mat_mul(scale, &dp.t(), &qm.slice(s![q0..q1, ..]), T::one(), &mut dk.slice_mut(s![..q1, ..]));
+            }
+            // the queries that see no key take the mean of every value
+            let first = first_visible(keep, b, t).min(t);
+            if first > 0 {
+                let sum = dout.slice(s![..first, ..]).sum_axis(Axis(0)) / T::from_f64(t as f64);
+                dv += &sum;
+            }
         }
     });
     (dq, dk, dv)

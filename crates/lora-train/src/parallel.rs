@@ -61,14 +61,6 @@ impl Par {
         }
     }
 
-    /// `f(0), ..., f(n - 1)` in order, computed in parallel when there is a pool.
-    pub(crate) fn map<R: Send>(&self, n: usize, f: impl Fn(usize) -> R + Sync + Send) -> Vec<R> {
-        match &self.pool {
-            Some(_) => (0..n).into_par_iter().map(f).collect(),
-            None => (0..n).map(f).collect(),
-        }
-    }
-
     /// `f` of every item, in order, computed in parallel when there is a pool.
     pub(crate) fn map_vec<I: Send, R: Send>(&self, items: Vec<I>, f: impl Fn(I) -> R + Sync + Send) -> Vec<R> {
         match &self.pool {
