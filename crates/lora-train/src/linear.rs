@@ -3,7 +3,7 @@
 
 use lora_core::{LoraLayer, Scalar, Scaling};
 use ndarray::linalg::general_mat_mul;
-use ndarray::{s, Array1, Array2, Zip};
+use ndarray::{s, Array1, Array2, Axis, Zip};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -83,22 +83,41 @@ impl<T: Scalar> Linear<T> {
     /// r / rows of the base product. The backward pass reuses the merged weight for the input
     /// gradient. B = 0 adds exactly nothing to W, so the base model's numbers are kept exactly.
     pub(crate) fn forward(&self, x: &Array2<T>, dropout_seed: Option<u64>, par: &Par) -> (Array2<T>, LinearCache<T>) {
-        let mut y = par.zeros(x.nrows(), self.d_out());
-        let mut cache = LinearCache { mask: None, xa: None, merged: None };
-        if let Some(lora) = &self.lora {
-            let mask = match dropout_seed {
-                Some(seed) if lora.dropout > 0.0 => Some(dropout_mask(x.raw_dim(), lora.dropout, seed)),
-                _ => None,
-            };
-            // beta = 1 on zeros: the same numbers as beta = 0 without BLAS clearing them again
-            let mut xa = Array2::zeros((x.nrows(), lora.a.nrows()));
-            match &mask {
-                Some(m) => gemm(par, T::one(), &(x * m), &lora.a.t(), T::one(), &mut xa),
-                None => gemm(par, T::one(), x, &lora.a.t(), T::one(), &mut xa),
-            }
-            let merged = mask.is_none().then(|| self.merged_weight(lora, par));
-            cache = LinearCache { mask, xa: Some(xa), merged };
+        let Some(lora) = &self.lora else {
+            return self.forward_with(x, None, None, par);
+        };
+        let mask = match dropout_seed {
+            Some(seed) if lora.dropout > 0.0 => Some(dropout_mask(x.raw_dim(), lora.dropout, seed)),
+            _ => None,
+        };
+        // beta = 1 on zeros: the same numbers as beta = 0 without BLAS clearing them again
+        let mut xa = Array2::zeros((x.nrows(), lora.a.nrows()));
+        match &mask {
+            Some(m) => gemm(par, T::one(), &(x * m), &lora.a.t(), T::one(), &mut xa),
+            None => gemm(par, T::one(), x, &lora.a.t(), T::one(), &mut xa),
         }
+        self.forward_with(x, mask, Some(xa), par)
+    }
+
+    /// Whether this pass draws no dropout mask for a LoRA branch (a branch is present).
+    fn unmasked_branch(&self, dropout_seed: Option<u64>) -> bool {
+        self.lora.as_ref().is_some_and(|lora| dropout_seed.is_none() || lora.dropout == 0.0)
+    }
+
+    /// The forward pass given the branch's dropout mask and x Aᵀ (`None` without a branch).
+    fn forward_with(
+        &self,
+        x: &Array2<T>,
+        mask: Option<Array2<T>>,
+        xa: Option<Array2<T>>,
+        par: &Par,
+    ) -> (Array2<T>, LinearCache<T>) {
+        let mut y = par.zeros(x.nrows(), self.d_out());
+        let merged = match &self.lora {
+            Some(lora) if mask.is_none() => Some(self.merged_weight(lora, par)),
+            _ => None,
+        };
+        let cache = LinearCache { mask, xa, merged };
         let weight = cache.merged.as_ref().unwrap_or(&self.weight);
         let (xa, lora) = (cache.xa.as_ref(), self.lora.as_ref().filter(|_| cache.mask.is_some()));
         par.row_chunks(&mut y, |first, mut chunk| {
@@ -193,6 +212,96 @@ impl<T: Scalar> Linear<T> {
         }
         Linear { weight, bias: self.bias.clone(), lora: None }
     }
+}
+
+/// The forward passes of linears that read the same input (q/k/v, or gate/up). When each has a
+/// LoRA branch and none draws a dropout mask, their x Aᵀ come from one product with the factors
+/// stacked (x read and packed once, not once per branch).
+pub(crate) fn forward_shared<T: Scalar>(
+    linears: &[&Linear<T>],
+    x: &Array2<T>,
+    dropout_seeds: &[Option<u64>],
+    par: &Par,
+) -> Vec<(Array2<T>, LinearCache<T>)> {
+    if !linears.iter().zip(dropout_seeds).all(|(l, &seed)| l.unmasked_branch(seed)) {
+        return linears.iter().zip(dropout_seeds).map(|(l, &seed)| l.forward(x, seed, par)).collect();
+    }
+    let factors: Vec<_> = linears.iter().map(|l| l.lora.as_ref().expect("checked above").a.view()).collect();
+    let stacked = ndarray::concatenate(Axis(0), &factors).expect("factors of the same input width");
+    let mut xa = Array2::zeros((x.nrows(), stacked.nrows()));
+    gemm(par, T::one(), x, &stacked.t(), T::one(), &mut xa);
+    let mut first = 0;
+    linears
+        .iter()
+        .map(|l| {
+            let r = l.lora.as_ref().expect("checked above").a.nrows();
+            let own = xa.slice(s![.., first..first + r]).to_owned();
+            first += r;
+            l.forward_with(x, None, Some(own), par)
+        })
+        .collect()
+}
+
+/// The backward passes of linears that read the same input `x` (q/k/v, or gate/up): adds each
+/// one's input gradient into `dx` (`None`: not needed) and returns their LoRA gradients. When
+/// each has a LoRA branch run without a dropout mask, the dA of all of them come from one
+/// product with their dy B stacked (x read and packed once), in parallel with their dB.
+pub(crate) fn backward_shared<T: Scalar>(
+    linears: &[&Linear<T>],
+    dys: &[&Array2<T>],
+    x: &Array2<T>,
+    caches: &[&LinearCache<T>],
+    mut dx: Option<&mut Array2<T>>,
+    par: &Par,
+) -> Vec<Option<LoraGrad<T>>> {
+    let shared = linears.iter().zip(caches).all(|(l, c)| l.lora.is_some() && c.merged.is_some());
+    if !shared {
+        return linears
+            .iter()
+            .zip(dys)
+            .zip(caches)
+            .map(|((l, dy), c)| l.backward(dy, x, c, dx.as_deref_mut(), par))
+            .collect();
+    }
+    let loras: Vec<&LoraParams<T>> = linears.iter().map(|l| l.lora.as_ref().expect("checked above")).collect();
+    let mut gbs = Vec::with_capacity(linears.len());
+    for ((lora, dy), cache) in loras.iter().zip(dys).zip(caches) {
+        let mut gb = Array2::zeros((dy.nrows(), lora.b.ncols())); // dy B, (n, r)
+        gemm(par, T::one(), dy, &lora.b, T::one(), &mut gb);
+        if let Some(dx) = dx.as_deref_mut() {
+            // dy (W + s B A): the base and the branch's input gradients in one product
+            gemm(par, T::one(), dy, cache.merged.as_ref().expect("checked above"), T::one(), dx);
+        }
+        gbs.push(gb);
+    }
+    let stacked = ndarray::concatenate(Axis(1), &gbs.iter().map(|g| g.view()).collect::<Vec<_>>())
+        .expect("dy B of the same rows");
+    // task 0: (dy B)ᵀ x for every branch at once; task i: dB of branch i - 1
+    let mut parts = par.map_vec((0..=linears.len()).collect(), |task| {
+        let mut part;
+        if task == 0 {
+            part = Array2::zeros((stacked.ncols(), x.ncols()));
+            general_mat_mul(T::one(), &stacked.t(), x, T::one(), &mut part);
+        } else {
+            let (lora, dy, cache) = (loras[task - 1], dys[task - 1], caches[task - 1]);
+            let xa = cache.xa.as_ref().expect("the forward pass keeps x Aᵀ when there is a LoRA branch");
+            part = Array2::zeros(lora.b.raw_dim());
+            general_mat_mul(lora.scale(), &dy.t(), xa, T::one(), &mut part);
+        }
+        part
+    });
+    let da_all = parts.remove(0);
+    let mut first = 0;
+    loras
+        .iter()
+        .zip(parts)
+        .map(|(lora, db)| {
+            let r = lora.a.nrows();
+            let da = da_all.slice(s![first..first + r, ..]).mapv(|v| v * lora.scale());
+            first += r;
+            Some(LoraGrad { a: da, b: db })
+        })
+        .collect()
 }
 
 /// Inverted dropout: each entry 0 with probability p, else 1 / (1 - p).

@@ -8,7 +8,7 @@ use ndarray::{s, Array1, Array2, Array3, ArrayD, Axis, Ix1, Ix2};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::linear::{Linear, LinearCache, LoraGrad};
+use crate::linear::{self, Linear, LinearCache, LoraGrad};
 use crate::ops::{self, AttnDims, Rope};
 use crate::parallel::{gemm, Par, Parallelism};
 
@@ -226,6 +226,33 @@ impl<T: Scalar> Block<T> {
         &self.linears[p as usize]
     }
 
+    /// [`linear::forward_shared`] of the projections `ps`, which read the same input.
+    fn forward_shared<const N: usize>(
+        &self,
+        ps: [Proj; N],
+        x: &Array2<T>,
+        seed: impl Fn(Proj) -> Option<u64>,
+        par: &Par,
+    ) -> [(Array2<T>, LinearCache<T>); N] {
+        let out = linear::forward_shared(&ps.map(|p| self.lin(p)), x, &ps.map(seed), par);
+        out.try_into().unwrap_or_else(|_| unreachable!("one result per projection"))
+    }
+
+    /// [`linear::backward_shared`] of the projections `ps`, which read the same input.
+    fn backward_shared<const N: usize>(
+        &self,
+        ps: [Proj; N],
+        dys: [&Array2<T>; N],
+        x: &Array2<T>,
+        c: &BlockCache<T>,
+        dx: Option<&mut Array2<T>>,
+        par: &Par,
+    ) -> [Option<LoraGrad<T>>; N] {
+        let caches = ps.map(|p| &c.lin[p as usize]);
+        let out = linear::backward_shared(&ps.map(|p| self.lin(p)), &dys, x, &caches, dx, par);
+        out.try_into().unwrap_or_else(|_| unreachable!("one result per projection"))
+    }
+
     fn forward(
         &self,
         h: &Array2<T>,
@@ -235,17 +262,15 @@ impl<T: Scalar> Block<T> {
     ) -> (Array2<T>, Option<BlockCache<T>>) {
         let seed = |p: Proj| ctx.dropout_seed.map(|s| mix(s, layer, p));
         let (x1, rstd1) = ops::rms_norm(h, &self.input_norm, ctx.eps, ctx.par);
-        let (mut q, cq) = self.lin(Proj::Q).forward(&x1, seed(Proj::Q), ctx.par);
-        let (mut k, ck) = self.lin(Proj::K).forward(&x1, seed(Proj::K), ctx.par);
-        let (v, cv) = self.lin(Proj::V).forward(&x1, seed(Proj::V), ctx.par);
+        let qkv = [Proj::Q, Proj::K, Proj::V];
+        let [(mut q, cq), (mut k, ck), (v, cv)] = self.forward_shared(qkv, &x1, seed, ctx.par);
         ctx.rope.apply(&mut q, ctx.dims.seq, ctx.dims.head_dim, false, ctx.par);
         ctx.rope.apply(&mut k, ctx.dims.seq, ctx.dims.head_dim, false, ctx.par);
         let (o, probs) = ops::attention(&q, &k, &v, ctx.dims, ctx.keep, ctx.par);
         let (mut h2, co) = self.lin(Proj::O).forward(&o, seed(Proj::O), ctx.par);
         ctx.par.add_assign(&mut h2, h); // h2 = h + o_proj(...)
         let (x2, rstd2) = ops::rms_norm(&h2, &self.post_norm, ctx.eps, ctx.par);
-        let (g, cg) = self.lin(Proj::Gate).forward(&x2, seed(Proj::Gate), ctx.par);
-        let (u, cu) = self.lin(Proj::Up).forward(&x2, seed(Proj::Up), ctx.par);
+        let [(g, cg), (u, cu)] = self.forward_shared([Proj::Gate, Proj::Up], &x2, seed, ctx.par);
         let act = ops::swiglu(&g, &u, ctx.par);
         let (mut out, cd) = self.lin(Proj::Down).forward(&act, seed(Proj::Down), ctx.par);
         ctx.par.add_assign(&mut out, &h2); // out = h2 + down(...)
@@ -290,8 +315,8 @@ impl<T: Scalar> Block<T> {
         let (dg, du) = ops::swiglu_backward(&dact, &c.g, &c.u, par);
         drop(dact);
         let mut dx2 = par.zeros(n, hidden);
-        grads[Proj::Gate as usize] = back(Proj::Gate, &dg, &c.x2, Some(&mut dx2));
-        grads[Proj::Up as usize] = back(Proj::Up, &du, &c.x2, Some(&mut dx2));
+        let [gate, up] = self.backward_shared([Proj::Gate, Proj::Up], [&dg, &du], &c.x2, c, Some(&mut dx2), par);
+        (grads[Proj::Gate as usize], grads[Proj::Up as usize]) = (gate, up);
         let mut dh2 = ops::rms_norm_backward(&dx2, &c.h2, &self.post_norm, &c.rstd2, par);
         par.add_assign(&mut dh2, dh);
         // attention: h2 = h + o_proj(attn(rope(q(x1)), rope(k(x1)), v(x1))), x1 = norm(h)
@@ -301,9 +326,9 @@ impl<T: Scalar> Block<T> {
         ctx.rope.apply(&mut dq, ctx.dims.seq, ctx.dims.head_dim, true, par);
         ctx.rope.apply(&mut dk, ctx.dims.seq, ctx.dims.head_dim, true, par);
         let mut dx1 = need_dx.then(|| par.zeros(n, hidden));
-        grads[Proj::Q as usize] = back(Proj::Q, &dq, &c.x1, dx1.as_mut());
-        grads[Proj::K as usize] = back(Proj::K, &dk, &c.x1, dx1.as_mut());
-        grads[Proj::V as usize] = back(Proj::V, &dv, &c.x1, dx1.as_mut());
+        let qkv = [Proj::Q, Proj::K, Proj::V];
+        let [gq, gk, gv] = self.backward_shared(qkv, [&dq, &dk, &dv], &c.x1, c, dx1.as_mut(), par);
+        (grads[Proj::Q as usize], grads[Proj::K as usize], grads[Proj::V as usize]) = (gq, gk, gv);
         dx1.map(|dx1| {
             let mut dh_in = ops::rms_norm_backward(&dx1, h, &self.input_norm, &c.rstd1, par);
             par.add_assign(&mut dh_in, &dh2);
