@@ -307,7 +307,8 @@ impl<T: Scalar> Block<T> {
     ) -> Option<Array2<T>> {
         let (n, hidden, par) = (h.nrows(), h.ncols(), ctx.par);
         let back = |p: Proj, dy: &Array2<T>, x: &Array2<T>, dx: Option<&mut Array2<T>>| {
-            self.lin(p).backward(dy, x, &c.lin[p as usize], dx, par)
+            let [grad] = self.backward_shared([p], [dy], x, c, dx, par);
+            grad
         };
         // MLP: out = h2 + down(silu(gate(x2)) * up(x2)), x2 = norm(h2)
         let mut dact = par.zeros(n, c.act.ncols());
