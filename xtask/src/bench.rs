@@ -1,7 +1,12 @@
-//! `cargo xtask bench [--compare] [--python P] [--only PREFIX] [--small]`: run the criterion
-//! benches and rewrite the generated blocks of docs/benchmarks.md from criterion's estimates; with
-//! `--compare`, run the reference scripts (PyTorch, PEFT) in the same session and put their output
-//! beside, with the ratios.
+//! `cargo xtask bench [--compare] [--mkl] [--python P] [--only PREFIX] [--small]`: run the
+//! criterion benches and rewrite the generated blocks of docs/benchmarks.md from criterion's
+//! estimates; with `--compare`, run the reference scripts (PyTorch, PEFT) in the same session and
+//! put their output beside, with the ratios.
+//!
+//! `--mkl` also runs the benches marked [`Blas::Mkl`] with Intel's oneMKL as the BLAS (the one
+//! PyTorch's wheels use), put in front of the linked OpenBLAS with `LD_PRELOAD` through cargo's
+//! runner setting, so nothing is rebuilt. oneMKL comes from PyPI (`mkl`, pinned in
+//! [`venv::MKL`]) and is installed into the Python environment of the reference tools.
 //!
 //! A generated block sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`; the prose
 //! around it (what was measured and why) is written by hand and kept.
@@ -33,6 +38,17 @@ struct BenchSpec {
     element: &'static str,
     /// Environment of the bench process.
     env: &'static [(&'static str, &'static str)],
+    /// The BLAS the bench runs with.
+    blas: Blas,
+}
+
+/// Which BLAS a bench runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Blas {
+    /// The one the binary links (Debian's OpenBLAS).
+    Linked,
+    /// oneMKL, preloaded; run only with `--mkl`. Its results are keyed `mkl/ID`.
+    Mkl,
 }
 
 /// A reference script run with `--compare`.
@@ -58,6 +74,7 @@ const BENCHES: &[BenchSpec] = &[
         groups: &["forward_openblas"],
         element: "flop",
         env: &[],
+        blas: Blas::Linked,
     },
     BenchSpec {
         block: "forward-mm",
@@ -67,6 +84,7 @@ const BENCHES: &[BenchSpec] = &[
         groups: &["forward_matrixmultiply"],
         element: "flop",
         env: &[],
+        blas: Blas::Linked,
     },
     BenchSpec {
         block: "io",
@@ -76,6 +94,7 @@ const BENCHES: &[BenchSpec] = &[
         groups: &["model", "adapter"],
         element: "elem",
         env: &[],
+        blas: Blas::Linked,
     },
     BenchSpec {
         block: "svd",
@@ -85,6 +104,7 @@ const BENCHES: &[BenchSpec] = &[
         groups: &["extract", "resize"],
         element: "elem",
         env: &[],
+        blas: Blas::Linked,
     },
     BenchSpec {
         block: "train",
@@ -95,6 +115,19 @@ const BENCHES: &[BenchSpec] = &[
         element: "token",
         // a threaded OpenBLAS under the trainer's rayon pool oversubscribes the cores
         env: &[("OPENBLAS_NUM_THREADS", "1")],
+        blas: Blas::Linked,
+    },
+    BenchSpec {
+        block: "train-mkl",
+        package: "lora-train",
+        bench: "train_step",
+        features: &[],
+        groups: &["train_step/bench", "train_step/tiny"],
+        element: "token",
+        // likewise: oneMKL's sequential layer under the pool (its threaded layers also need
+        // Intel's OpenMP runtime)
+        env: &[("MKL_THREADING_LAYER", "SEQUENTIAL")],
+        blas: Blas::Mkl,
     },
 ];
 
@@ -158,12 +191,14 @@ type Results = HashMap<String, (f64, Option<f64>)>;
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let (python, args) = venv::take_python_arg(args)?;
     let mut compare = false;
+    let mut mkl = false;
     let mut small = false;
     let mut only: Option<String> = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--compare" => compare = true,
+            "--mkl" => mkl = true,
             "--small" => small = true,
             "--only" => only = Some(it.next().context("--only needs a block name prefix")?.clone()),
             other => bail!("unknown argument {other}"),
@@ -179,12 +214,28 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let mut results = Results::new();
     let selected = |block: &str| only.as_deref().is_none_or(|prefix| block.starts_with(prefix));
     let target = target_dir(root);
+    let mkl_runner = if mkl && BENCHES.iter().any(|s| s.blas == Blas::Mkl && selected(s.block)) {
+        let lib = venv::mkl(root, python.clone())?;
+        Some(preload_runner(&lib))
+    } else {
+        None
+    };
     for spec in BENCHES.iter().filter(|s| selected(s.block)) {
+        let runner = match spec.blas {
+            Blas::Linked => None,
+            Blas::Mkl => match &mkl_runner {
+                Some(runner) => Some(runner.as_str()),
+                None => continue,
+            },
+        };
         let load = load_average();
         let mut cmd = vec!["bench", "-p", spec.package, "--bench", spec.bench];
         let features = spec.features.join(",");
         if !features.is_empty() {
             cmd.extend(["--features", &features]);
+        }
+        if let Some(runner) = runner {
+            cmd.extend(["--config", runner]);
         }
         let bench_env: Vec<(&str, &str)> = spec.env.iter().copied().chain(env.iter().copied()).collect();
         let started = SystemTime::now();
@@ -194,7 +245,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         let mut table = format!(
             "`{prefix}cargo {}` (load average before: {load})\n\n\
              | benchmark | median | throughput | ratio to first of group |\n|---|---|---|---|\n",
-            cmd.join(" "),
+            cmd.iter().map(|a| shell_word(a)).collect::<Vec<_>>().join(" "),
         );
         for group in spec.groups {
             let in_group: Vec<&Row> = rows.iter().filter(|r| r.group == *group).collect();
@@ -217,7 +268,11 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                     Some(Throughput::Elements(n)) => Some(n),
                     _ => None,
                 };
-                results.insert(row.id.clone(), (row.median_ns, elements));
+                let key = match spec.blas {
+                    Blas::Linked => row.id.clone(),
+                    Blas::Mkl => format!("mkl/{}", row.id),
+                };
+                results.insert(key, (row.median_ns, elements));
             }
         }
         eprintln!("{table}");
@@ -278,8 +333,23 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `word` as a shell reads it back: in double quotes when it has spaces or quotes.
+fn shell_word(word: &str) -> String {
+    if word.contains([' ', '\'', '"']) {
+        format!("\"{}\"", word.replace('\\', "\\\\").replace('"', "\\\"").replace('$', "\\$"))
+    } else {
+        word.to_string()
+    }
+}
+
+/// cargo's `--config` value that runs the bench executables with oneMKL's `lib` preloaded
+/// (cargo's runner applies to what it runs, not to rustc or build scripts).
+fn preload_runner(lib: &Path) -> String {
+    format!("target.'cfg(all())'.runner = [\"env\", \"LD_PRELOAD={}\"]", lib.display())
+}
+
 /// lora-train's criterion tokens/s against the lines `CASE FUNCTION: X ms/step, Y tokens/s` of
-/// train_step_torch.py.
+/// train_step_torch.py: one line with the linked BLAS and, when `--mkl` ran, one with oneMKL.
 fn train_step_ratios(stdout: &str, results: &Results) -> String {
     let mut out = String::new();
     for line in stdout.lines() {
@@ -290,17 +360,22 @@ fn train_step_ratios(stdout: &str, results: &Results) -> String {
         let Some((case, function)) = name.split_once(' ') else { continue };
         let id = format!("train_step/{case}/{function}");
         match results.get(&id) {
-            Some((ns, Some(tokens))) => {
-                let ours = tokens / (ns * 1e-9);
-                out.push_str(&format!(
-                    "{id}: lora-train {ours:.0} tokens/s, PyTorch + PEFT {torch:.0} tokens/s, ratio {:.2}\n",
-                    ours / torch
-                ));
-            }
+            Some((ns, Some(tokens))) => out.push_str(&ratio_line(&id, "", *ns, *tokens, torch)),
             _ => out.push_str(&format!("{id}: no criterion result in this run (run the `train` block too)\n")),
+        }
+        if let Some((ns, Some(tokens))) = results.get(&format!("mkl/{id}")) {
+            out.push_str(&ratio_line(&id, " (oneMKL)", *ns, *tokens, torch));
         }
     }
     out
+}
+
+fn ratio_line(id: &str, blas: &str, ns: f64, tokens: f64, torch: f64) -> String {
+    let ours = tokens / (ns * 1e-9);
+    format!(
+        "{id}: lora-train{blas} {ours:.0} tokens/s, PyTorch + PEFT {torch:.0} tokens/s, ratio {:.2}\n",
+        ours / torch
+    )
 }
 
 fn load_average() -> String {
@@ -470,6 +545,35 @@ mod tests {
         assert_eq!(
             lines,
             "train_step/tiny/forward: lora-train 256000 tokens/s, PyTorch + PEFT 128000 tokens/s, ratio 2.00\n"
+        );
+    }
+
+    #[test]
+    fn mkl_results_get_their_own_ratio_line() {
+        let results: Results = [
+            ("train_step/bench/forward".to_string(), (2e6, Some(512.0))),
+            ("mkl/train_step/bench/forward".to_string(), (1e6, Some(512.0))),
+        ]
+        .into();
+        let lines = train_step_ratios("bench forward: 4.0 ms/step, 128000 tokens/s\n", &results);
+        assert_eq!(
+            lines,
+            "train_step/bench/forward: lora-train 256000 tokens/s, PyTorch + PEFT 128000 tokens/s, ratio 2.00\n\
+             train_step/bench/forward: lora-train (oneMKL) 512000 tokens/s, PyTorch + PEFT 128000 tokens/s, ratio 4.00\n"
+        );
+    }
+
+    #[test]
+    fn words_with_spaces_or_quotes_are_quoted_for_the_shell() {
+        assert_eq!(shell_word("bench"), "bench");
+        assert_eq!(shell_word(r#"a 'b' ["c"]"#), r#""a 'b' [\"c\"]""#);
+    }
+
+    #[test]
+    fn the_runner_preloads_the_library_for_every_target() {
+        assert_eq!(
+            preload_runner(Path::new("/v/lib/libmkl_rt.so.3")),
+            r#"target.'cfg(all())'.runner = ["env", "LD_PRELOAD=/v/lib/libmkl_rt.so.3"]"#
         );
     }
 }

@@ -25,10 +25,11 @@ tasks:
                                          then `crates`
   release <X.Y.Z|major|minor|patch>      dry run of a release; add --execute to publish and tag
           [--execute] [--allow-dirty] [--skip-ci] [--no-verify] [--binary-profile release|dev]
-  bench [--compare] [--python PATH] [--only BLOCK-PREFIX] [--small]
+  bench [--compare] [--mkl] [--python PATH] [--only BLOCK-PREFIX] [--small]
                                          criterion benches, tables of docs/benchmarks.md;
-                                         --compare: PyTorch / PEFT side by side; --small: toy
-                                         sizes, blocks printed instead of written
+                                         --compare: PyTorch / PEFT side by side; --mkl: lora-train
+                                         with oneMKL (from PyPI) too; --small: toy sizes, blocks
+                                         printed instead of written
   fixtures [--python PATH] [--only peft|train|optim] [--check]
                                          regenerate the committed fixtures with the real
                                          PEFT / transformers / torch, then git status and diff

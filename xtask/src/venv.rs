@@ -44,6 +44,41 @@ pub fn python(root: &Path, explicit: Option<PathBuf>) -> Result<PathBuf> {
     Ok(python)
 }
 
+/// oneMKL from PyPI, for `cargo xtask bench --mkl`: the version whose figures are in
+/// docs/benchmarks.md. Not in requirements.txt: nothing else needs its 900 MB.
+pub const MKL: &str = "mkl==2026.2.0";
+
+/// oneMKL's single dynamic library (`libmkl_rt.so.N`) in the environment of the reference tools
+/// (see [`python`]), installed there first when missing.
+pub fn mkl(root: &Path, explicit: Option<PathBuf>) -> Result<PathBuf> {
+    let python = python(root, explicit)?;
+    let prefix = Command::new(&python)
+        .args(["-c", "import sys; print(sys.prefix)"])
+        .output()
+        .with_context(|| format!("cannot run {}", python.display()))?;
+    let lib = PathBuf::from(String::from_utf8(prefix.stdout)?.trim()).join("lib");
+    if let Some(found) = find_mkl_rt(&lib)? {
+        return Ok(found);
+    }
+    eprintln!("installing {MKL} into {} (about 900 MB, once)", lib.display());
+    run(Command::new(&python).args(["-m", "pip", "install", "-q", MKL]))?;
+    find_mkl_rt(&lib)?.with_context(|| format!("{MKL} installed, but no libmkl_rt.so.* in {}", lib.display()))
+}
+
+/// `dir/libmkl_rt.so.N` (the highest N), if any.
+fn find_mkl_rt(dir: &Path) -> Result<Option<PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(None) };
+    let mut found = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if let Some(version) = name.strip_prefix("libmkl_rt.so.").and_then(|v| v.parse::<u32>().ok()) {
+            found.push((version, path));
+        }
+    }
+    Ok(found.into_iter().max().map(|(_, path)| path))
+}
+
 fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
     if !status.success() {
@@ -65,4 +100,20 @@ pub fn take_python_arg(args: &[String]) -> Result<(Option<PathBuf>, Vec<String>)
         }
     }
     Ok((python, rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_mkl_runtime_is_found_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(find_mkl_rt(dir.path()).unwrap(), None);
+        for name in ["libmkl_rt.so.2", "libmkl_rt.so.3", "libmkl_core.so.3", "libmkl_rt.so.x"] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        assert_eq!(find_mkl_rt(dir.path()).unwrap(), Some(dir.path().join("libmkl_rt.so.3")));
+        assert_eq!(find_mkl_rt(&dir.path().join("missing")).unwrap(), None);
+    }
 }
