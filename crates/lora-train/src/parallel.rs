@@ -22,6 +22,11 @@ use crate::error::{Error, Result};
 /// A multi-threaded BLAS under a rayon pool oversubscribes the cores (measured: 3.5x slower on
 /// 2 cores); run OpenBLAS single-threaded (`OPENBLAS_NUM_THREADS=1`) with
 /// [`Parallelism::Threads`], and leave it threaded with [`Parallelism::Sequential`].
+///
+/// The products go to whatever `cblas_sgemm` the process resolves, so another CBLAS can stand in
+/// for the linked OpenBLAS without a rebuild: oneMKL, preloaded with its sequential layer
+/// (`MKL_THREADING_LAYER=SEQUENTIAL LD_PRELOAD=.../libmkl_rt.so.3`), made the issue-6 bench
+/// config's step about 9% faster (docs/benchmarks.md, "Session 6").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Parallelism {
     /// Everything on the calling thread, no rayon: deterministic and the reference path.
