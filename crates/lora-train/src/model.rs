@@ -199,8 +199,8 @@ struct BlockCache<T> {
     q: Array2<T>,
     k: Array2<T>,
     v: Array2<T>,
-    /// Attention probabilities, (sequences x heads x positions, positions).
-    probs: Array2<T>,
+    /// Attention probabilities, the blocks under the causal mask.
+    probs: ops::Probs<T>,
     o: Array2<T>,
     h2: Array2<T>,
     x2: Array2<T>,

@@ -4,7 +4,7 @@
 
 use lora_core::Scalar;
 use ndarray::linalg::general_mat_mul;
-use ndarray::{s, Array1, Array2, ArrayView2, Axis, Zip};
+use ndarray::{s, Array1, Array2, ArrayView2, ArrayViewMut2, Axis, Zip};
 
 use crate::parallel::{chunk_rows, multiversioned, Par};
 
@@ -222,17 +222,6 @@ fn max_of<T: Scalar>(x: &[T]) -> T {
     tail.iter().chain(&lanes).fold(T::neg_infinity(), |m, &v| if v > m { v } else { m })
 }
 
-multiversioned! {
-/// e^(x - max(x)) in place; returns their sum. One pass per step (max, exponentials, sum), so
-/// each loop vectorises at the full width; the max and the sum run in [`LANES`] partial results
-/// (combined in a fixed order).
-fn softmax_numerators<T: Scalar>(x: &mut [T]) -> T {
-    let max = max_of(x);
-    x.iter_mut().for_each(|v| *v = (*v - max).exp_vectorised());
-    sum_of(x)
-}
-}
-
 /// Σ x_i in [`LANES`] partial sums (combined in a fixed order), so the loop vectorises.
 #[inline(always)]
 fn sum_of<T: Scalar>(x: &[T]) -> T {
@@ -271,13 +260,68 @@ fn dot<T: Scalar>(a: &[T], b: &[T]) -> T {
     sums.iter().fold(tail, |a, &b| a + b)
 }
 
+/// The attention probabilities of every (sequence, head), kept for the backward pass: only the
+/// blocks the causal mask leaves. Query block [q0, q1) (rows of `block` queries) meets keys
+/// [0, q1), so it is stored as a (q1 - q0, q1) row-major matrix, zero above the diagonal and on
+/// the rows of queries that see no key (their uniform attention is applied apart, in
+/// [`attention`] and [`attention_backward`]); the blocks of one (sequence, head) follow each
+/// other, and (sequence b, head h) is row b x heads + h of `data`. At 256 positions and blocks
+/// of 64 this is 10 of the 16 blocks of the full (seq, seq) matrix.
+#[derive(Debug)]
+pub(crate) struct Probs<T> {
+    data: Array2<T>,
+    seq: usize,
+    block: usize,
+}
+
+impl<T> Probs<T> {
+    /// (q0, q1, offset) of each query block of one (sequence, head), in order.
+    fn blocks(seq: usize, block: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+        (0..seq).step_by(block.max(1)).scan(0, move |offset, q0| {
+            let q1 = (q0 + block).min(seq);
+            let at = *offset;
+            *offset += (q1 - q0) * q1;
+            Some((q0, q1, at))
+        })
+    }
+
+    /// Numbers stored per (sequence, head).
+    fn per_head(seq: usize, block: usize) -> usize {
+        Self::blocks(seq, block).map(|(q0, q1, _)| (q1 - q0) * q1).sum()
+    }
+
+    /// Query block [q0, q1) of (sequence, head) number `i` (b x heads + h), as (q1 - q0, q1).
+    pub(crate) fn block(&self, i: usize, q0: usize) -> ArrayView2<'_, T> {
+        let (_, q1, at) = Self::blocks(self.seq, self.block).find(|&(b0, ..)| b0 == q0).expect("a block start");
+        let row = self.data.row(i).to_slice().expect("rows of a standard-layout matrix");
+        ArrayView2::from_shape((q1 - q0, q1), &row[at..at + (q1 - q0) * q1]).expect("the block's numbers")
+    }
+
+    /// Query rows per block.
+    pub(crate) fn block_rows(&self) -> usize {
+        self.block
+    }
+}
+
+multiversioned! {
+    /// Causal softmax of one row of scores in place: the first `visible` entries become
+    /// e^(x - max) / Σ e^(x - max) (max, exponentials, sum and division each one vectorised pass
+    /// over the row, the sums in [`LANES`] partial results), the rest zero.
+    fn causal_softmax_row<T: Scalar>(row: &mut [T], visible: usize) {
+        let (seen, masked) = row.split_at_mut(visible);
+        let max = max_of(seen);
+        seen.iter_mut().for_each(|v| *v = (*v - max).exp_vectorised());
+        let sum = sum_of(seen);
+        seen.iter_mut().for_each(|v| *v /= sum);
+        masked.fill(T::zero());
+    }
+}
+
 /// Causal softmax attention for every (sequence, head), in parallel. q is (rows, heads x d)
 /// after rotary embedding, k and v (rows, kv_heads x d). `keep[b][j]` false masks key j of
 /// sequence b (padding); a query with no visible key attends uniformly to every position, as in
-/// transformers. Returns the output (rows, heads x d) and the probabilities of every
-/// (sequence, head), (seq, seq) each, stacked by rows (sequence b, head h at rows
-/// (b x heads + h) x seq): zero above the diagonal and on the rows of queries that see no key
-/// (their uniform attention is applied apart, here and in [`attention_backward`]).
+/// transformers. Returns the output (rows, heads x d) and the probabilities, for
+/// [`attention_backward`].
 pub(crate) fn attention<T: Scalar>(
     q: &Array2<T>,
     k: &Array2<T>,
@@ -285,7 +329,7 @@ pub(crate) fn attention<T: Scalar>(
     dims: AttnDims,
     keep: Option<&Array2<bool>>,
     par: &Par,
-) -> (Array2<T>, Array2<T>) {
+) -> (Array2<T>, Probs<T>) {
     attention_blocks(q, k, v, dims, keep, par, QUERY_BLOCK)
 }
 
@@ -297,23 +341,25 @@ pub(crate) fn attention_blocks<T: Scalar>(
     keep: Option<&Array2<bool>>,
     par: &Par,
     block: usize,
-) -> (Array2<T>, Array2<T>) {
+) -> (Array2<T>, Probs<T>) {
     let (t, d) = (dims.seq, dims.head_dim);
     let scale = T::from_f64(1.0 / (d as f64).sqrt());
-    // one buffer for every (sequence, head), cleared by the pool's threads
-    let mut probs = par.zeros(dims.batch * dims.heads * t, t);
+    // one row of stored blocks per (sequence, head), cleared by the pool's threads (every
+    // number is written below, but safe Rust hands out initialised memory only)
+    let mut probs = par.zeros(dims.batch * dims.heads, Probs::<T>::per_head(t, block));
     // each task writes its (sequence, head) block of the output in place
     let mut o = par.zeros(dims.batch * t, dims.heads * d);
-    let tasks: Vec<_> = probs.axis_chunks_iter_mut(Axis(0), t).zip(head_blocks(&mut o, t, d)).enumerate().collect();
+    let tasks: Vec<_> = probs.axis_iter_mut(Axis(0)).zip(head_blocks(&mut o, t, d)).enumerate().collect();
     par.map_vec(tasks, |(i, (mut p, mut out))| {
+        let p = p.as_slice_mut().expect("rows of a standard-layout matrix");
         let (b, h) = (i / dims.heads, i % dims.heads);
         let kh = dims.kv_head(h);
         let (qm, km, vm) = (dims.block(q, b, h), dims.block(k, b, kh), dims.block(v, b, kh));
         let keep_row = keep.map(|m| m.row(b));
         let first = first_visible(keep, b, t);
-        for q0 in (0..t).step_by(block) {
-            let q1 = (q0 + block).min(t);
-            let mut pb = p.slice_mut(s![q0..q1, ..q1]);
+        for (q0, q1, at) in Probs::<T>::blocks(t, block) {
+            let cells = &mut p[at..at + (q1 - q0) * q1];
+            let mut pb = ArrayViewMut2::from_shape((q1 - q0, q1), cells).expect("the block's numbers");
             general_mat_mul(scale, &qm.slice(s![q0..q1, ..]), &km.slice(s![..q1, ..]).t(), T::zero(), &mut pb);
             for (qi, mut row) in (q0..q1).zip(pb.rows_mut()) {
                 if qi < first {
@@ -323,65 +369,42 @@ pub(crate) fn attention_blocks<T: Scalar>(
                     row.fill(T::zero());
                     continue;
                 }
-                let mut row = row.slice_mut(s![..=qi]);
-                let sum = match (keep_row, row.as_slice_mut()) {
-                    (None, Some(row)) => softmax_numerators(row),
+                match (keep_row, row.as_slice_mut()) {
+                    (None, Some(row)) => causal_softmax_row(row, qi + 1),
                     _ => {
-                        let visible = |j: usize| keep_row.is_none_or(|m| m[j]);
+                        let visible = |j: usize| j <= qi && keep_row.is_none_or(|m| m[j]);
                         let max = (first..=qi).filter(|&j| visible(j)).map(|j| row[j]).fold(T::neg_infinity(), T::max);
                         let mut sum = T::zero();
                         for (j, v) in row.iter_mut().enumerate() {
                             *v = if visible(j) { (*v - max).exp_vectorised() } else { T::zero() };
                             sum += *v;
                         }
-                        sum
+                        row.slice_mut(s![..=qi]).iter_mut().for_each(|v| *v /= sum);
                     }
-                };
-                row /= sum;
+                }
             }
-            // what the block's scores left above the diagonal
-            for (qi, mut row) in (q0..q1).zip(pb.rows_mut()) {
-                row.slice_mut(s![qi + 1..]).fill(T::zero());
-            }
-            general_mat_mul(
-                T::one(),
-                &p.slice(s![q0..q1, ..q1]),
-                &vm.slice(s![..q1, ..]),
-                T::zero(),
-                &mut out.slice_mut(s![q0..q1, ..]),
-            );
+            general_mat_mul(T::one(), &pb, &vm.slice(s![..q1, ..]), T::zero(), &mut out.slice_mut(s![q0..q1, ..]));
         }
         if first > 0 {
             let mean = vm.sum_axis(Axis(0)) / T::from_f64(t as f64);
             out.slice_mut(s![..first.min(t), ..]).assign(&mean.broadcast((first.min(t), d)).expect("row"));
         }
     });
-    (o, probs)
+    (o, Probs { data: probs, seq: t, block })
 }
 
 /// Backward of [`attention`]: (dq, dk, dv) from the output gradient, with key and value
 /// gradients of the query heads that share a kv head summed (in head order, deterministic).
+/// The query blocks are those of `probs`.
 pub(crate) fn attention_backward<T: Scalar>(
     d_o: &Array2<T>,
-    qkv: [&Array2<T>; 3],
-    probs: &Array2<T>,
-    dims: AttnDims,
-    keep: Option<&Array2<bool>>,
-    par: &Par,
-) -> (Array2<T>, Array2<T>, Array2<T>) {
-    attention_backward_blocks(d_o, qkv, probs, dims, keep, par, QUERY_BLOCK)
-}
-
-pub(crate) fn attention_backward_blocks<T: Scalar>(
-    d_o: &Array2<T>,
     [q, k, v]: [&Array2<T>; 3],
-    probs: &Array2<T>,
+    probs: &Probs<T>,
     dims: AttnDims,
     keep: Option<&Array2<bool>>,
     par: &Par,
-    block: usize,
 ) -> (Array2<T>, Array2<T>, Array2<T>) {
-    let (t, d) = (dims.seq, dims.head_dim);
+    let (t, d, block) = (dims.seq, dims.head_dim, probs.block_rows());
     let group = dims.heads / dims.kv_heads;
     let scale = T::from_f64(1.0 / (d as f64).sqrt());
     // one task per (sequence, kv head), writing its blocks of dq, dk and dv in place: the query
@@ -404,12 +427,10 @@ pub(crate) fn attention_backward_blocks<T: Scalar>(
             let h = kh * group + g;
             let i = b * dims.heads + h;
             let qm = dims.block(q, b, h);
-            let p = probs.slice(s![i * t..(i + 1) * t, ..]);
             let dout = dims.block(d_o, b, h);
             let mut dq = dq.slice_mut(s![.., g * d..(g + 1) * d]);
-            for q0 in (0..t).step_by(block) {
-                let q1 = (q0 + block).min(t);
-                let (pb, doutb) = (p.slice(s![q0..q1, ..q1]), dout.slice(s![q0..q1, ..]));
+            for (q0, q1, _) in Probs::<T>::blocks(t, block) {
+                let (pb, doutb) = (probs.block(i, q0), dout.slice(s![q0..q1, ..]));
                 let mut dp = buf.slice_mut(s![..q1 - q0, ..q1]);
                 general_mat_mul(T::one(), &doutb, &vm.slice(s![..q1, ..]).t(), T::zero(), &mut dp);
                 general_mat_mul(T::one(), &pb.t(), &doutb, T::one(), &mut dv.slice_mut(s![..q1, ..]));

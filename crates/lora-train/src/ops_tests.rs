@@ -1,11 +1,11 @@
 //! Unit tests of the kernels: attention's causal blocks give the dense computation's output and
 //! gradients, with padding and queries that see no key; the row pieces of the parallel products.
 
-use ndarray::{s, Array2, Axis};
+use ndarray::{s, Array2};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::ops::{attention_backward_blocks, attention_blocks, AttnDims};
+use crate::ops::{attention_backward, attention_blocks, AttnDims};
 use crate::parallel::{chunk_rows, Par, Parallelism};
 
 fn random(rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Array2<f64> {
@@ -78,36 +78,52 @@ fn causal_blocks_equal_dense_attention_with_padding_forward_and_backward() {
         _ => false,
     });
     let par = Par::new(Parallelism::Sequential).unwrap();
-    for block in [1, 2, 3, 5, 7, 64] {
-        let (o, probs) = attention_blocks(&q, &k, &v, dims, Some(&keep), &par, block);
-        let (dq, dk, dv) = attention_backward_blocks(&d_o, [&q, &k, &v], &probs, dims, Some(&keep), &par, block);
-        let mut want_dk = Array2::zeros(k.raw_dim());
-        let mut want_dv = Array2::zeros(v.raw_dim());
-        for b in 0..dims.batch {
-            for h in 0..dims.heads {
-                let kh = h / (dims.heads / dims.kv_heads);
-                let (r, c, ck) = (b * t..(b + 1) * t, h * d..(h + 1) * d, kh * d..(kh + 1) * d);
-                let keep_b: Vec<bool> = keep.row(b).to_vec();
-                let (out, [gq, gk, gv]) = dense(
-                    &q.slice(s![r.clone(), c.clone()]).to_owned(),
-                    &k.slice(s![r.clone(), ck.clone()]).to_owned(),
-                    &v.slice(s![r.clone(), ck.clone()]).to_owned(),
-                    &keep_b,
-                    &d_o.slice(s![r.clone(), c.clone()]).to_owned(),
-                );
-                let at = format!("block {block}, sequence {b}, head {h}");
-                assert!(max_diff(&o.slice(s![r.clone(), c.clone()]).to_owned(), &out) < 1e-12, "output, {at}");
-                assert!(max_diff(&dq.slice(s![r.clone(), c]).to_owned(), &gq) < 1e-12, "dq, {at}");
-                want_dk.slice_mut(s![r.clone(), ck.clone()]).scaled_add(1.0, &gk);
-                want_dv.slice_mut(s![r, ck]).scaled_add(1.0, &gv);
+    // and no mask at all, which takes the unmasked softmax kernel
+    let no_padding = Array2::from_elem((dims.batch, t), true);
+    for (mask, keep) in [(Some(&keep), &keep), (None, &no_padding)] {
+        for block in [1, 2, 3, 5, 7, 64] {
+            let (o, probs) = attention_blocks(&q, &k, &v, dims, mask, &par, block);
+            let (dq, dk, dv) = attention_backward(&d_o, [&q, &k, &v], &probs, dims, mask, &par);
+            let mut want_dk = Array2::zeros(k.raw_dim());
+            let mut want_dv = Array2::zeros(v.raw_dim());
+            for b in 0..dims.batch {
+                for h in 0..dims.heads {
+                    let kh = h / (dims.heads / dims.kv_heads);
+                    let (r, c, ck) = (b * t..(b + 1) * t, h * d..(h + 1) * d, kh * d..(kh + 1) * d);
+                    let keep_b: Vec<bool> = keep.row(b).to_vec();
+                    let (out, [gq, gk, gv]) = dense(
+                        &q.slice(s![r.clone(), c.clone()]).to_owned(),
+                        &k.slice(s![r.clone(), ck.clone()]).to_owned(),
+                        &v.slice(s![r.clone(), ck.clone()]).to_owned(),
+                        &keep_b,
+                        &d_o.slice(s![r.clone(), c.clone()]).to_owned(),
+                    );
+                    let at = format!("mask {}, block {block}, sequence {b}, head {h}", mask.is_some());
+                    assert!(max_diff(&o.slice(s![r.clone(), c.clone()]).to_owned(), &out) < 1e-12, "output, {at}");
+                    assert!(max_diff(&dq.slice(s![r.clone(), c]).to_owned(), &gq) < 1e-12, "dq, {at}");
+                    want_dk.slice_mut(s![r.clone(), ck.clone()]).scaled_add(1.0, &gk);
+                    want_dv.slice_mut(s![r, ck]).scaled_add(1.0, &gv);
+                }
             }
-        }
-        assert!(max_diff(&dk, &want_dk) < 1e-12, "dk, block {block}");
-        assert!(max_diff(&dv, &want_dv) < 1e-12, "dv, block {block}");
-        // the cached probabilities are zero above the diagonal
-        for p in probs.axis_chunks_iter(Axis(0), t) {
-            for (i, row) in p.axis_iter(Axis(0)).enumerate() {
-                assert!(row.slice(s![i + 1..]).iter().all(|&x| x == 0.0), "block {block}, row {i}");
+            assert!(max_diff(&dk, &want_dk) < 1e-12, "dk, block {block}");
+            assert!(max_diff(&dv, &want_dv) < 1e-12, "dv, block {block}");
+            // the cached probabilities are zero above the diagonal, and each row of a query that
+            // sees a key sums to 1
+            for i in 0..dims.batch * dims.heads {
+                for q0 in (0..t).step_by(block) {
+                    let pb = probs.block(i, q0);
+                    assert_eq!(pb.dim(), ((q0 + block).min(t) - q0, (q0 + block).min(t)));
+                    for (r, row) in pb.rows().into_iter().enumerate() {
+                        let qi = q0 + r;
+                        assert!(row.slice(s![qi + 1..]).iter().all(|&x| x == 0.0), "block {block}, row {qi}");
+                        let sum: f64 = row.sum();
+                        let sees = keep.row(i / dims.heads).iter().take(qi + 1).any(|&k| k);
+                        assert!(
+                            if sees { (sum - 1.0).abs() < 1e-12 } else { sum == 0.0 },
+                            "block {block}, row {qi}: {sum}"
+                        );
+                    }
+                }
             }
         }
     }
