@@ -290,16 +290,16 @@ impl<T> Probs<T> {
         Self::blocks(seq, block).map(|(q0, q1, _)| (q1 - q0) * q1).sum()
     }
 
-    /// Query block [q0, q1) of (sequence, head) number `i` (b x heads + h), as (q1 - q0, q1).
-    pub(crate) fn block(&self, i: usize, q0: usize) -> ArrayView2<'_, T> {
-        let (_, q1, at) = Self::blocks(self.seq, self.block).find(|&(b0, ..)| b0 == q0).expect("a block start");
-        let row = self.data.row(i).to_slice().expect("rows of a standard-layout matrix");
-        ArrayView2::from_shape((q1 - q0, q1), &row[at..at + (q1 - q0) * q1]).expect("the block's numbers")
+    /// The query blocks of this value's layout, as [`Probs::blocks`] gives them.
+    pub(crate) fn layout(&self) -> impl Iterator<Item = (usize, usize, usize)> {
+        Self::blocks(self.seq, self.block)
     }
 
-    /// Query rows per block.
-    pub(crate) fn block_rows(&self) -> usize {
-        self.block
+    /// The block (q0, q1, offset) (one of [`Probs::layout`]) of (sequence, head) number `i`
+    /// (b x heads + h), as a (q1 - q0, q1) matrix.
+    pub(crate) fn block(&self, i: usize, (q0, q1, at): (usize, usize, usize)) -> ArrayView2<'_, T> {
+        let row = self.data.row(i).to_slice().expect("rows of a standard-layout matrix");
+        ArrayView2::from_shape((q1 - q0, q1), &row[at..at + (q1 - q0) * q1]).expect("the block's numbers")
     }
 }
 
@@ -404,7 +404,8 @@ pub(crate) fn attention_backward<T: Scalar>(
     keep: Option<&Array2<bool>>,
     par: &Par,
 ) -> (Array2<T>, Array2<T>, Array2<T>) {
-    let (t, d, block) = (dims.seq, dims.head_dim, probs.block_rows());
+    let (t, d) = (dims.seq, dims.head_dim);
+    let block = probs.block;
     let group = dims.heads / dims.kv_heads;
     let scale = T::from_f64(1.0 / (d as f64).sqrt());
     // one task per (sequence, kv head), writing its blocks of dq, dk and dv in place: the query
@@ -429,8 +430,8 @@ pub(crate) fn attention_backward<T: Scalar>(
             let qm = dims.block(q, b, h);
             let dout = dims.block(d_o, b, h);
             let mut dq = dq.slice_mut(s![.., g * d..(g + 1) * d]);
-            for (q0, q1, _) in Probs::<T>::blocks(t, block) {
-                let (pb, doutb) = (probs.block(i, q0), dout.slice(s![q0..q1, ..]));
+            for (q0, q1, at) in probs.layout() {
+                let (pb, doutb) = (probs.block(i, (q0, q1, at)), dout.slice(s![q0..q1, ..]));
                 let mut dp = buf.slice_mut(s![..q1 - q0, ..q1]);
                 general_mat_mul(T::one(), &doutb, &vm.slice(s![..q1, ..]).t(), T::zero(), &mut dp);
                 general_mat_mul(T::one(), &pb.t(), &doutb, T::one(), &mut dv.slice_mut(s![..q1, ..]));

@@ -110,8 +110,10 @@ fn causal_blocks_equal_dense_attention_with_padding_forward_and_backward() {
             // the cached probabilities are zero above the diagonal, and each row of a query that
             // sees a key sums to 1
             for i in 0..dims.batch * dims.heads {
-                for q0 in (0..t).step_by(block) {
-                    let pb = probs.block(i, q0);
+                let starts: Vec<usize> = probs.layout().map(|(q0, ..)| q0).collect();
+                assert_eq!(starts, (0..t).step_by(block).collect::<Vec<_>>());
+                for at in probs.layout() {
+                    let (q0, pb) = (at.0, probs.block(i, at));
                     assert_eq!(pb.dim(), ((q0 + block).min(t) - q0, (q0 + block).min(t)));
                     for (r, row) in pb.rows().into_iter().enumerate() {
                         let qi = q0 + r;
