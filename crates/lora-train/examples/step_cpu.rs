@@ -3,11 +3,15 @@
 //! wall time swings by 2-3x between runs but the CPU time a step consumes moves much less, so
 //! two builds compared by CPU time back to back are still told apart.
 //!
-//!     OPENBLAS_NUM_THREADS=1 cargo run --release -p lora-train --example step_cpu [-- STEPS]
+//!     OPENBLAS_NUM_THREADS=1 cargo run --release -p lora-train --example step_cpu [-- STEPS [THREADS]]
 //!
 //! Prints the loss, the median and fastest wall time of STEPS steps (default 6) after one
 //! warm-up step, and the process's user + system CPU time per step (from /proc/self/stat, so
-//! Linux only) on a rayon pool of 2 threads.
+//! Linux only) on a rayon pool of THREADS threads (default 2).
+//!
+//! Two builds can also run at the same moment, one thread each, each on its own core
+//! (`taskset -c 0 ./a 4 1 & taskset -c 1 ./b 4 1`): both then see the same host, which a
+//! noisy machine gives no two runs in a row. Swap the cores between rounds.
 use std::time::Instant;
 
 use lora_train::{Batch, ModelConfig, StepOptions};
@@ -35,11 +39,12 @@ fn main() {
     let cfg = r#"{"model_type": "llama", "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
             "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 8192}"#;
     let config = ModelConfig::from_json(cfg, "bench").unwrap();
-    let model = random_model(&config, 2);
+    let arg = |i: usize, default: usize| std::env::args().nth(i).and_then(|v| v.parse().ok()).unwrap_or(default);
+    let (steps, threads) = (arg(1, 6), arg(2, 2));
+    let model = random_model(&config, threads);
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let ids = Array2::from_shape_simple_fn((8, 256), || rng.random_range(0..config.vocab_size as u32));
     let batch = Batch::new(ids).unwrap();
-    let steps: usize = std::env::args().nth(1).and_then(|v| v.parse().ok()).unwrap_or(6);
     let (l, _) = model.loss_and_grads(&batch, StepOptions::default()).unwrap();
     let mut walls = vec![];
     let c0 = cpu();
