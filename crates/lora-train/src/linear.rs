@@ -74,17 +74,24 @@ impl<T: Scalar> Linear<T> {
         self.weight.nrows()
     }
 
-    /// The forward pass. `dropout_seed` is given in training: the LoRA dropout mask is drawn
-    /// from it (so a recomputation draws the same mask).
+    /// The forward pass, plus `residual` (a skip connection's input, added to the output in
+    /// the same pass) when there is one. `dropout_seed` is given in training: the LoRA dropout
+    /// mask is drawn from it (so a recomputation draws the same mask).
     ///
     /// Without a dropout mask the branch is merged for the pass: y = x (W + s B A)ᵀ, one
     /// product over the output instead of the base product plus a rank-r one (each a full pass
     /// over y, and the rank-r pass runs far from the CPU's peak); building W + s B A costs
     /// r / rows of the base product. The backward pass reuses the merged weight for the input
     /// gradient. B = 0 adds exactly nothing to W, so the base model's numbers are kept exactly.
-    pub(crate) fn forward(&self, x: &Array2<T>, dropout_seed: Option<u64>, par: &Par) -> (Array2<T>, LinearCache<T>) {
+    pub(crate) fn forward(
+        &self,
+        x: &Array2<T>,
+        dropout_seed: Option<u64>,
+        residual: Option<&Array2<T>>,
+        par: &Par,
+    ) -> (Array2<T>, LinearCache<T>) {
         let Some(lora) = &self.lora else {
-            return self.forward_with(x, None, None, par);
+            return self.forward_with(x, None, None, residual, par);
         };
         let mask = match dropout_seed {
             Some(seed) if lora.dropout > 0.0 => Some(dropout_mask(x.raw_dim(), lora.dropout, seed)),
@@ -96,7 +103,7 @@ impl<T: Scalar> Linear<T> {
             Some(m) => gemm(par, T::one(), &(x * m), &lora.a.t(), T::one(), &mut xa),
             None => gemm(par, T::one(), x, &lora.a.t(), T::one(), &mut xa),
         }
-        self.forward_with(x, mask, Some(xa), par)
+        self.forward_with(x, mask, Some(xa), residual, par)
     }
 
     /// Whether this pass draws no dropout mask for a LoRA branch (a branch is present).
@@ -110,9 +117,9 @@ impl<T: Scalar> Linear<T> {
         x: &Array2<T>,
         mask: Option<Array2<T>>,
         xa: Option<Array2<T>>,
+        residual: Option<&Array2<T>>,
         par: &Par,
     ) -> (Array2<T>, LinearCache<T>) {
-        let mut y = par.zeros(x.nrows(), self.d_out());
         let merged = match &self.lora {
             Some(lora) if mask.is_none() => Some(self.merged_weight(lora, par)),
             _ => None,
@@ -120,8 +127,11 @@ impl<T: Scalar> Linear<T> {
         let cache = LinearCache { mask, xa, merged };
         let weight = cache.merged.as_ref().unwrap_or(&self.weight);
         let (xa, lora) = (cache.xa.as_ref(), self.lora.as_ref().filter(|_| cache.mask.is_some()));
-        par.row_chunks(&mut y, |first, mut chunk| {
+        let (y, _) = par.build(x.nrows(), self.d_out(), |first, mut chunk| {
             let rows = first..first + chunk.nrows();
+            if let Some(residual) = residual {
+                chunk += &residual.slice(s![rows.clone(), ..]);
+            }
             if let Some(bias) = &self.bias {
                 chunk += bias;
             }
@@ -224,7 +234,7 @@ pub(crate) fn forward_shared<T: Scalar>(
     par: &Par,
 ) -> Vec<(Array2<T>, LinearCache<T>)> {
     if !linears.iter().zip(dropout_seeds).all(|(l, &seed)| l.unmasked_branch(seed)) {
-        return linears.iter().zip(dropout_seeds).map(|(l, &seed)| l.forward(x, seed, par)).collect();
+        return linears.iter().zip(dropout_seeds).map(|(l, &seed)| l.forward(x, seed, None, par)).collect();
     }
     let factors: Vec<_> = linears.iter().map(|l| l.lora.as_ref().expect("checked above").a.view()).collect();
     let stacked = ndarray::concatenate(Axis(0), &factors).expect("factors of the same input width");
@@ -237,7 +247,7 @@ pub(crate) fn forward_shared<T: Scalar>(
             let r = l.lora.as_ref().expect("checked above").a.nrows();
             let own = xa.slice(s![.., first..first + r]).to_owned();
             first += r;
-            l.forward_with(x, None, Some(own), par)
+            l.forward_with(x, None, Some(own), None, par)
         })
         .collect()
 }
@@ -248,7 +258,7 @@ pub(crate) fn forward_shared<T: Scalar>(
 const THIN_ROWS: usize = 128;
 
 /// The backward passes of linears that read the same input `x` (q/k/v, or gate/up, or one
-/// linear alone): adds each one's input gradient into `dx` (`None`: not needed) and returns
+/// linear alone): the gradient of `x` (the sum of their input gradients, when `need_dx`) and
 /// their LoRA gradients.
 ///
 /// When each has a LoRA branch run without a dropout mask, everything runs in one parallel pass
@@ -265,28 +275,22 @@ pub(crate) fn backward_shared<T: Scalar>(
     dys: &[&Array2<T>],
     x: &Array2<T>,
     caches: &[&LinearCache<T>],
-    mut dx: Option<&mut Array2<T>>,
+    need_dx: bool,
     par: &Par,
-) -> Vec<Option<LoraGrad<T>>> {
+) -> (Option<Array2<T>>, Vec<Option<LoraGrad<T>>>) {
+    let (n, d_in) = x.dim();
     let shared = linears.iter().zip(caches).all(|(l, c)| l.lora.is_some() && c.merged.is_some());
     if !shared {
-        return linears
-            .iter()
-            .zip(dys)
-            .zip(caches)
-            .map(|((l, dy), c)| l.backward(dy, x, c, dx.as_deref_mut(), par))
-            .collect();
+        let mut dx = need_dx.then(|| par.zeros(n, d_in));
+        let grads =
+            linears.iter().zip(dys).zip(caches).map(|((l, dy), c)| l.backward(dy, x, c, dx.as_mut(), par)).collect();
+        return (dx, grads);
     }
     let loras: Vec<&LoraParams<T>> = linears.iter().map(|l| l.lora.as_ref().expect("checked above")).collect();
     let ranks: usize = loras.iter().map(|l| l.a.nrows()).sum();
-    let n = x.nrows();
     let rows = chunk_rows(n);
-    let pieces: Vec<Option<ArrayViewMut2<'_, T>>> = match dx {
-        Some(dx) => dx.axis_chunks_iter_mut(Axis(0), rows).map(Some).collect(),
-        None => (0..n.div_ceil(rows)).map(|_| None).collect(),
-    };
-    let partials = par.map_vec(pieces.into_iter().enumerate().collect(), |(i, mut dx)| {
-        let rows = i * rows..((i + 1) * rows).min(n);
+    let piece = |first: usize, mut dx: Option<ArrayViewMut2<'_, T>>| {
+        let rows = first..(first + rows).min(n);
         let mut gb = Array2::zeros((rows.len(), ranks)); // dy B of every branch, side by side
         let mut first = 0;
         let mut dbs = Vec::with_capacity(loras.len());
@@ -319,7 +323,14 @@ pub(crate) fn backward_shared<T: Scalar>(
         let mut da = Array2::zeros((ranks, x.ncols()));
         general_mat_mul(T::one(), &gb.t(), &x.slice(s![rows, ..]), T::one(), &mut da);
         (da, dbs)
-    });
+    };
+    let (dx, partials) = match need_dx {
+        true => {
+            let (dx, partials) = par.build(n, d_in, |first, dx| piece(first, Some(dx)));
+            (Some(dx), partials)
+        }
+        false => (None, par.map_vec((0..n).step_by(rows).collect(), |first| piece(first, None))),
+    };
     let mut partials = partials.into_iter();
     let (mut da_all, mut dbs) = partials.next().expect("at least one row");
     for (da, more) in partials {
@@ -327,7 +338,7 @@ pub(crate) fn backward_shared<T: Scalar>(
         dbs.iter_mut().zip(&more).for_each(|(db, more)| *db += more);
     }
     let mut first = 0;
-    loras
+    let grads = loras
         .iter()
         .zip(dbs)
         .map(|(lora, db)| {
@@ -336,7 +347,8 @@ pub(crate) fn backward_shared<T: Scalar>(
             first += r;
             Some(LoraGrad { a: da, b: db })
         })
-        .collect()
+        .collect();
+    (dx, grads)
 }
 
 /// Inverted dropout: each entry 0 with probability p, else 1 / (1 - p).

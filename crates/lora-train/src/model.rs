@@ -245,12 +245,12 @@ impl<T: Scalar> Block<T> {
         dys: [&Array2<T>; N],
         x: &Array2<T>,
         c: &BlockCache<T>,
-        dx: Option<&mut Array2<T>>,
+        need_dx: bool,
         par: &Par,
-    ) -> [Option<LoraGrad<T>>; N] {
+    ) -> (Option<Array2<T>>, [Option<LoraGrad<T>>; N]) {
         let caches = ps.map(|p| &c.lin[p as usize]);
-        let out = linear::backward_shared(&ps.map(|p| self.lin(p)), &dys, x, &caches, dx, par);
-        out.try_into().unwrap_or_else(|_| unreachable!("one result per projection"))
+        let (dx, out) = linear::backward_shared(&ps.map(|p| self.lin(p)), &dys, x, &caches, need_dx, par);
+        (dx, out.try_into().unwrap_or_else(|_| unreachable!("one result per projection")))
     }
 
     fn forward(
@@ -267,13 +267,11 @@ impl<T: Scalar> Block<T> {
         ctx.rope.apply(&mut q, ctx.dims.seq, ctx.dims.head_dim, false, ctx.par);
         ctx.rope.apply(&mut k, ctx.dims.seq, ctx.dims.head_dim, false, ctx.par);
         let (o, probs) = ops::attention(&q, &k, &v, ctx.dims, ctx.keep, ctx.par);
-        let (mut h2, co) = self.lin(Proj::O).forward(&o, seed(Proj::O), ctx.par);
-        ctx.par.add_assign(&mut h2, h); // h2 = h + o_proj(...)
+        let (h2, co) = self.lin(Proj::O).forward(&o, seed(Proj::O), Some(h), ctx.par); // h + o_proj(...)
         let (x2, rstd2) = ops::rms_norm(&h2, &self.post_norm, ctx.eps, ctx.par);
         let [(g, cg), (u, cu)] = self.forward_shared([Proj::Gate, Proj::Up], &x2, seed, ctx.par);
         let act = ops::swiglu(&g, &u, ctx.par);
-        let (mut out, cd) = self.lin(Proj::Down).forward(&act, seed(Proj::Down), ctx.par);
-        ctx.par.add_assign(&mut out, &h2); // out = h2 + down(...)
+        let (out, cd) = self.lin(Proj::Down).forward(&act, seed(Proj::Down), Some(&h2), ctx.par); // h2 + down(...)
         let cache = keep_cache.then(|| BlockCache {
             x1,
             rstd1,
@@ -305,36 +303,29 @@ impl<T: Scalar> Block<T> {
         grads: &mut [Option<LoraGrad<T>>],
         need_dx: bool,
     ) -> Option<Array2<T>> {
-        let (n, hidden, par) = (h.nrows(), h.ncols(), ctx.par);
-        let back = |p: Proj, dy: &Array2<T>, x: &Array2<T>, dx: Option<&mut Array2<T>>| {
-            let [grad] = self.backward_shared([p], [dy], x, c, dx, par);
-            grad
+        let par = ctx.par;
+        let dx_of = |p: Proj, dy: &Array2<T>, x: &Array2<T>, grads: &mut [Option<LoraGrad<T>>]| {
+            let (dx, [grad]) = self.backward_shared([p], [dy], x, c, true, par);
+            grads[p as usize] = grad;
+            dx.expect("asked for the input gradient")
         };
         // MLP: out = h2 + down(silu(gate(x2)) * up(x2)), x2 = norm(h2)
-        let mut dact = par.zeros(n, c.act.ncols());
-        grads[Proj::Down as usize] = back(Proj::Down, dh, &c.act, Some(&mut dact));
+        let dact = dx_of(Proj::Down, dh, &c.act, grads);
         let (dg, du) = ops::swiglu_backward(&dact, &c.g, &c.u, par);
         drop(dact);
-        let mut dx2 = par.zeros(n, hidden);
-        let [gate, up] = self.backward_shared([Proj::Gate, Proj::Up], [&dg, &du], &c.x2, c, Some(&mut dx2), par);
+        let (dx2, [gate, up]) = self.backward_shared([Proj::Gate, Proj::Up], [&dg, &du], &c.x2, c, true, par);
         (grads[Proj::Gate as usize], grads[Proj::Up as usize]) = (gate, up);
-        let mut dh2 = ops::rms_norm_backward(&dx2, &c.h2, &self.post_norm, &c.rstd2, par);
-        par.add_assign(&mut dh2, dh);
+        let dx2 = dx2.expect("asked for the input gradient");
+        let dh2 = ops::rms_norm_backward(&dx2, &c.h2, &self.post_norm, &c.rstd2, Some(dh), par);
         // attention: h2 = h + o_proj(attn(rope(q(x1)), rope(k(x1)), v(x1))), x1 = norm(h)
-        let mut d_o = par.zeros(n, c.o.ncols());
-        grads[Proj::O as usize] = back(Proj::O, &dh2, &c.o, Some(&mut d_o));
+        let d_o = dx_of(Proj::O, &dh2, &c.o, grads);
         let (mut dq, mut dk, dv) = ops::attention_backward(&d_o, [&c.q, &c.k, &c.v], &c.probs, ctx.dims, ctx.keep, par);
         ctx.rope.apply(&mut dq, ctx.dims.seq, ctx.dims.head_dim, true, par);
         ctx.rope.apply(&mut dk, ctx.dims.seq, ctx.dims.head_dim, true, par);
-        let mut dx1 = need_dx.then(|| par.zeros(n, hidden));
         let qkv = [Proj::Q, Proj::K, Proj::V];
-        let [gq, gk, gv] = self.backward_shared(qkv, [&dq, &dk, &dv], &c.x1, c, dx1.as_mut(), par);
+        let (dx1, [gq, gk, gv]) = self.backward_shared(qkv, [&dq, &dk, &dv], &c.x1, c, need_dx, par);
         (grads[Proj::Q as usize], grads[Proj::K as usize], grads[Proj::V as usize]) = (gq, gk, gv);
-        dx1.map(|dx1| {
-            let mut dh_in = ops::rms_norm_backward(&dx1, h, &self.input_norm, &c.rstd1, par);
-            par.add_assign(&mut dh_in, &dh2);
-            dh_in
-        })
+        dx1.map(|dx1| ops::rms_norm_backward(&dx1, h, &self.input_norm, &c.rstd1, Some(&dh2), par))
     }
 }
 
@@ -551,7 +542,7 @@ impl<T: Scalar> Model<T> {
         let loss = parts
             .into_iter()
             .fold(Loss { sum: 0.0, count: 0 }, |acc, (s, c)| Loss { sum: acc.sum + s, count: acc.count + c });
-        let dh = grad.map(|_| ops::rms_norm_backward(&dxf, h, &self.norm, &rstd, &self.par));
+        let dh = grad.map(|_| ops::rms_norm_backward(&dxf, h, &self.norm, &rstd, None, &self.par));
         (loss, dh)
     }
 

@@ -6,14 +6,13 @@ use lora_core::Scalar;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{s, Array1, Array2, ArrayView2, ArrayViewMut2, Axis, Zip};
 
-use crate::parallel::{chunk_rows, multiversioned, Par};
+use crate::parallel::{multiversioned, Par};
 
 /// y = w ⊙ x / sqrt(mean(x²) + eps) per row; also returns 1 / sqrt(mean(x²) + eps) per row.
 pub(crate) fn rms_norm<T: Scalar>(x: &Array2<T>, w: &Array1<T>, eps: f64, par: &Par) -> (Array2<T>, Array1<T>) {
     let h = T::from_f64(x.ncols() as f64);
     let eps = T::from_f64(eps);
-    let mut y = par.zeros(x.nrows(), x.ncols());
-    let rstd = par.row_chunks_map(&mut y, |first, mut chunk| {
+    let (y, rstd) = par.build(x.nrows(), x.ncols(), |first, mut chunk| {
         let x = x.slice(s![first..first + chunk.nrows(), ..]);
         let mut rstd = Vec::with_capacity(chunk.nrows());
         Zip::from(chunk.rows_mut()).and(x.rows()).for_each(|mut y, x| {
@@ -26,27 +25,32 @@ pub(crate) fn rms_norm<T: Scalar>(x: &Array2<T>, w: &Array1<T>, eps: f64, par: &
     (y, rstd.into_iter().flatten().collect())
 }
 
-/// Backward of [`rms_norm`]: with g = dy ⊙ w, dx = r g - x r³ mean(g ⊙ x).
+/// Backward of [`rms_norm`], plus `residual` (the gradient reaching x by a skip connection)
+/// when there is one: with g = dy ⊙ w, dx = (r g - x r³ mean(g ⊙ x)) + residual.
 pub(crate) fn rms_norm_backward<T: Scalar>(
     dy: &Array2<T>,
     x: &Array2<T>,
     w: &Array1<T>,
     rstd: &Array1<T>,
+    residual: Option<&Array2<T>>,
     par: &Par,
 ) -> Array2<T> {
     let h = T::from_f64(x.ncols() as f64);
-    let mut dx = par.zeros(x.nrows(), x.ncols());
-    par.row_chunks(&mut dx, |first, mut chunk| {
+    par.build(x.nrows(), x.ncols(), |first, mut chunk| {
         let rows = first..first + chunk.nrows();
-        let (dy, x, rstd) = (dy.slice(s![rows.clone(), ..]), x.slice(s![rows.clone(), ..]), rstd.slice(s![rows]));
+        let (dy, x, rstd) =
+            (dy.slice(s![rows.clone(), ..]), x.slice(s![rows.clone(), ..]), rstd.slice(s![rows.clone()]));
         Zip::from(chunk.rows_mut()).and(dy.rows()).and(x.rows()).and(&rstd).for_each(|mut dx, dy, x, &r| {
             let mut dot = T::zero();
             Zip::from(&dy).and(&x).and(w).for_each(|&dy, &x, &w| dot += dy * w * x);
             let c = r * r * r * dot / h;
             Zip::from(&mut dx).and(&dy).and(&x).and(w).for_each(|dx, &dy, &x, &w| *dx = r * dy * w - x * c);
         });
-    });
-    dx
+        if let Some(residual) = residual {
+            chunk += &residual.slice(s![rows, ..]);
+        }
+    })
+    .0
 }
 
 /// cos and sin of the rotary angles, (positions, head_dim / 2): angle(t, i) = t / theta^(2i / d).
@@ -98,16 +102,15 @@ pub(crate) fn silu<T: Scalar>(x: T) -> T {
 /// act = silu(g) ⊙ u.
 pub(crate) fn swiglu<T: Scalar>(g: &Array2<T>, u: &Array2<T>, par: &Par) -> Array2<T> {
     let (g, u) = (g.as_standard_layout(), u.as_standard_layout());
-    let mut act = par.zeros(g.nrows(), g.ncols());
     let cols = g.ncols();
-    par.row_chunks(&mut act, |first, mut chunk| {
+    par.build(g.nrows(), cols, |first, mut chunk| {
         let span = first * cols..(first + chunk.nrows()) * cols;
         let act = chunk.as_slice_mut().expect("rows of a standard-layout matrix");
         let (g, u) =
             (&g.as_slice().expect("standard layout")[span.clone()], &u.as_slice().expect("standard layout")[span]);
         swiglu_kernel(act, g, u);
-    });
-    act
+    })
+    .0
 }
 
 multiversioned! {
@@ -127,14 +130,10 @@ pub(crate) fn swiglu_backward<T: Scalar>(
     par: &Par,
 ) -> (Array2<T>, Array2<T>) {
     let (da, g, u) = (da.as_standard_layout(), g.as_standard_layout(), u.as_standard_layout());
-    let mut dg = par.zeros(g.nrows(), g.ncols());
-    let mut du = par.zeros(g.nrows(), g.ncols());
-    let (rows, cols) = (chunk_rows(g.nrows()), g.ncols());
-    let pieces: Vec<_> =
-        dg.axis_chunks_iter_mut(Axis(0), rows).zip(du.axis_chunks_iter_mut(Axis(0), rows)).enumerate().collect();
+    let (rows, cols) = (g.nrows(), g.ncols());
     let [da, g, u] = [&da, &g, &u].map(|m| m.as_slice().expect("standard layout"));
-    par.map_vec(pieces, |(i, (mut dg, mut du))| {
-        let span = i * rows * cols..(i * rows + dg.nrows()) * cols;
+    let ([dg, du], _) = par.build_many(rows, [cols, cols], |first, [mut dg, mut du]| {
+        let span = first * cols..(first + dg.nrows()) * cols;
         let dg = dg.as_slice_mut().expect("rows of a standard-layout matrix");
         let du = du.as_slice_mut().expect("rows of a standard-layout matrix");
         let (da, g, u) = (&da[span.clone()], &g[span.clone()], &u[span]);

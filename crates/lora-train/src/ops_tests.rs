@@ -1,5 +1,6 @@
 //! Unit tests of the kernels: attention's causal blocks give the dense computation's output and
-//! gradients, with padding and queries that see no key; the row pieces of the parallel products.
+//! gradients, with padding and queries that see no key; the row pieces of the parallel products
+//! and of the matrices built piece by piece.
 
 use ndarray::{s, Array2};
 use rand::{Rng, SeedableRng};
@@ -143,5 +144,33 @@ fn row_pieces_depend_on_the_row_count_only_and_cover_every_row_once() {
             }
         });
         assert!(out.rows().into_iter().enumerate().all(|(i, row)| row.iter().all(|&v| v == i + 1)), "{threads:?}");
+    }
+}
+
+#[test]
+fn built_matrices_are_written_piece_by_piece_from_cleared_rows() {
+    for threads in [Parallelism::Sequential, Parallelism::Threads(3)] {
+        let par = Par::new(threads).unwrap();
+        for rows in [0, 1, 127, 300, 1000] {
+            let ([a, empty, b], pieces) = par.build_many(rows, [3, 0, 5], |first, [mut a, empty, mut b]| {
+                assert!(a.iter().chain(b.iter()).all(|&v| v == 0.0), "{threads:?}, {rows} rows: not cleared");
+                assert_eq!((a.nrows(), empty.nrows(), empty.ncols()), (b.nrows(), b.nrows(), 0));
+                for (i, (mut a, mut b)) in a.rows_mut().into_iter().zip(b.rows_mut()).enumerate() {
+                    a.fill((first + i) as f64);
+                    b.fill(-((first + i) as f64));
+                }
+                (first, a.nrows())
+            });
+            assert_eq!((a.dim(), empty.dim(), b.dim()), ((rows, 3), (rows, 0), (rows, 5)));
+            let expected: Vec<_> =
+                (0..rows).step_by(chunk_rows(rows)).map(|f| (f, chunk_rows(rows).min(rows - f))).collect();
+            assert_eq!(pieces, expected, "{threads:?}, {rows} rows");
+            for (i, (a, b)) in a.rows().into_iter().zip(b.rows()).enumerate() {
+                assert!(
+                    a.iter().all(|&v| v == i as f64) && b.iter().all(|&v| v == -(i as f64)),
+                    "{threads:?}, row {i}"
+                );
+            }
+        }
     }
 }

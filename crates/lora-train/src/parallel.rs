@@ -126,11 +126,71 @@ impl Par {
         Array2::from_shape_vec((rows, cols), data).expect("rows x cols elements")
     }
 
-    /// a += b, by chunks of rows.
-    pub(crate) fn add_assign<T: Scalar>(&self, a: &mut Array2<T>, b: &Array2<T>) {
-        self.row_chunks(a, |first, mut chunk| {
-            chunk += &b.slice(s![first..first + chunk.nrows(), ..]);
+    /// A new (rows, cols) matrix written by `f` piece by piece: [`Par::build_many`] with one
+    /// output.
+    pub(crate) fn build<T: Scalar, R: Send>(
+        &self,
+        rows: usize,
+        cols: usize,
+        f: impl Fn(usize, ArrayViewMut2<'_, T>) -> R + Sync + Send,
+    ) -> (Array2<T>, Vec<R>) {
+        let ([m], out) = self.build_many(rows, [cols], |first, [chunk]| f(first, chunk));
+        (m, out)
+    }
+
+    /// New (rows, cols[i]) matrices written by `f` piece by piece: each piece of [`chunk_rows`]
+    /// rows of every matrix is cleared to zero and handed to `f(first_row, pieces)` at once, in
+    /// parallel when there is a pool; returns the matrices and what `f` returned for each piece,
+    /// in row order.
+    ///
+    /// The same numbers as [`Par::zeros`] followed by [`Par::row_chunks`], without the pass over
+    /// whole matrices: a piece is cleared just before `f` writes it, so the cleared lines are
+    /// still in the core's cache instead of written back to memory and fetched again. Clearing
+    /// whole matrices up front took about 10% of a training step's CPU time on the issue-6
+    /// bench config (perf, docs/benchmarks.md).
+    #[allow(unsafe_code)] // the pieces are initialised before they are seen as T
+    pub(crate) fn build_many<T: Scalar, R: Send, const N: usize>(
+        &self,
+        rows: usize,
+        cols: [usize; N],
+        f: impl Fn(usize, [ArrayViewMut2<'_, T>; N]) -> R + Sync + Send,
+    ) -> ([Array2<T>; N], Vec<R>) {
+        let piece = chunk_rows(rows);
+        let count = rows.div_ceil(piece);
+        let mut data = cols.map(|c| Box::<[T]>::new_uninit_slice(rows * c));
+        let mut splits = data.each_mut().map(|d| {
+            let mut rest: &mut [MaybeUninit<T>] = d;
+            let cols = rest.len() / rows.max(1);
+            (0..count)
+                .map(|i| {
+                    let (head, tail) = std::mem::take(&mut rest).split_at_mut(piece.min(rows - i * piece) * cols);
+                    rest = tail;
+                    head
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
         });
+        let tasks: Vec<_> =
+            (0..count).map(|i| (i * piece, splits.each_mut().map(|s| s.next().expect("count")))).collect();
+        drop(splits);
+        let out = self.map_vec(tasks, |(first, pieces)| {
+            let n = piece.min(rows - first);
+            let views = pieces.map(|p| {
+                p.fill(MaybeUninit::new(T::zero()));
+                // SAFETY: every element was just written, and MaybeUninit<T> has T's layout
+                let p = unsafe { std::slice::from_raw_parts_mut(p.as_mut_ptr().cast::<T>(), p.len()) };
+                let cols = p.len() / n;
+                ArrayViewMut2::from_shape((n, cols), p).expect("a piece of whole rows")
+            });
+            f(first, views)
+        });
+        let mats = std::array::from_fn(|i| {
+            let d = std::mem::take(&mut data[i]);
+            // SAFETY: the pieces cover every element and each was written above
+            let d = unsafe { d.assume_init() };
+            Array2::from_shape_vec((rows, cols[i]), d.into_vec()).expect("rows x cols elements")
+        });
+        (mats, out)
     }
 }
 
