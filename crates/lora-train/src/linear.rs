@@ -66,6 +66,11 @@ pub struct LoraGrad<T> {
 }
 
 impl<T: Scalar> Linear<T> {
+    /// A frozen linear layer without a LoRA branch.
+    pub(crate) fn new(weight: Array2<T>, bias: Option<Array1<T>>) -> Self {
+        Linear { weight, bias, lora: None }
+    }
+
     pub(crate) fn d_in(&self) -> usize {
         self.weight.ncols()
     }
@@ -127,11 +132,8 @@ impl<T: Scalar> Linear<T> {
         let cache = LinearCache { mask, xa, merged };
         let weight = cache.merged.as_ref().unwrap_or(&self.weight);
         let (xa, lora) = (cache.xa.as_ref(), self.lora.as_ref().filter(|_| cache.mask.is_some()));
-        let (y, _) = par.build(x.nrows(), self.d_out(), |first, mut chunk| {
+        let product = |first: usize, mut chunk: ArrayViewMut2<'_, T>| {
             let rows = first..first + chunk.nrows();
-            if let Some(residual) = residual {
-                chunk += &residual.slice(s![rows.clone(), ..]);
-            }
             if let Some(bias) = &self.bias {
                 chunk += bias;
             }
@@ -140,19 +142,24 @@ impl<T: Scalar> Linear<T> {
                 general_mat_mul(lora.scale(), &xa.slice(s![rows.clone(), ..]), &lora.b.t(), T::one(), &mut chunk);
             }
             general_mat_mul(T::one(), &x.slice(s![rows, ..]), &weight.t(), T::one(), &mut chunk);
-        });
+        };
+        // the residual is the output's start: the same numbers as adding it after the product
+        // when BLAS adds the product to it in one rounding (one pass over K), and no pass of
+        // its own
+        let (y, _) = match residual {
+            Some(residual) => par.build_from(residual, product),
+            None => par.build(x.nrows(), self.d_out(), product),
+        };
         (y, cache)
     }
 
     /// W + s B A, by pieces of rows on the pool.
     fn merged_weight(&self, lora: &LoraParams<T>, par: &Par) -> Array2<T> {
-        let mut merged = par.zeros(self.d_out(), self.d_in());
-        par.row_chunks(&mut merged, |first, mut chunk| {
+        par.build_from(&self.weight, |first, mut chunk| {
             let rows = first..first + chunk.nrows();
-            chunk.assign(&self.weight.slice(s![rows.clone(), ..]));
             general_mat_mul(lora.scale(), &lora.b.slice(s![rows, ..]), &lora.a, T::one(), &mut chunk);
-        });
-        merged
+        })
+        .0
     }
 
     /// The backward pass: adds dy W (+ the LoRA branch's input gradient) into `dx` (`None` when
@@ -220,7 +227,7 @@ impl<T: Scalar> Linear<T> {
         if let Some(lora) = &self.lora {
             general_mat_mul(lora.scale(), &lora.b, &lora.a, T::one(), &mut weight);
         }
-        Linear { weight, bias: self.bias.clone(), lora: None }
+        Linear::new(weight, self.bias.clone())
     }
 }
 

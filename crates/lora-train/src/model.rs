@@ -437,7 +437,7 @@ impl<T: Scalar> Model<T> {
                 let path = p.module_path(l);
                 let weight = read2(source, &format!("{path}.weight"), d_out, d_in)?;
                 let bias = if bias { Some(read1(source, &format!("{path}.bias"), d_out)?) } else { None };
-                linears.push(Linear { weight, bias, lora: None });
+                linears.push(Linear::new(weight, bias));
             }
             blocks.push(Block {
                 input_norm: read1(source, &format!("model.layers.{l}.input_layernorm.weight"), h)?,

@@ -6,7 +6,7 @@ use lora_core::Scalar;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{s, Array1, Array2, ArrayView2, ArrayViewMut2, Axis, Zip};
 
-use crate::parallel::{multiversioned, Par};
+use crate::parallel::{multiversioned, Par, Start};
 
 /// y = w ⊙ x / sqrt(mean(x²) + eps) per row; also returns 1 / sqrt(mean(x²) + eps) per row.
 pub(crate) fn rms_norm<T: Scalar>(x: &Array2<T>, w: &Array1<T>, eps: f64, par: &Par) -> (Array2<T>, Array1<T>) {
@@ -132,7 +132,7 @@ pub(crate) fn swiglu_backward<T: Scalar>(
     let (da, g, u) = (da.as_standard_layout(), g.as_standard_layout(), u.as_standard_layout());
     let (rows, cols) = (g.nrows(), g.ncols());
     let [da, g, u] = [&da, &g, &u].map(|m| m.as_slice().expect("standard layout"));
-    let ([dg, du], _) = par.build_many(rows, [cols, cols], |first, [mut dg, mut du]| {
+    let ([dg, du], _) = par.build_many(rows, [Start::Zeros(cols); 2], |first, [mut dg, mut du]| {
         let span = first * cols..(first + dg.nrows()) * cols;
         let dg = dg.as_slice_mut().expect("rows of a standard-layout matrix");
         let du = du.as_slice_mut().expect("rows of a standard-layout matrix");

@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::ops::{attention_backward, attention_blocks, AttnDims};
-use crate::parallel::{chunk_rows, Par, Parallelism};
+use crate::parallel::{chunk_rows, Par, Parallelism, Start};
 
 fn random(rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Array2<f64> {
     Array2::from_shape_simple_fn((rows, cols), || rng.random::<f64>() * 2.0 - 1.0)
@@ -148,26 +148,31 @@ fn row_pieces_depend_on_the_row_count_only_and_cover_every_row_once() {
 }
 
 #[test]
-fn built_matrices_are_written_piece_by_piece_from_cleared_rows() {
+fn built_matrices_are_written_piece_by_piece_from_their_start() {
     for threads in [Parallelism::Sequential, Parallelism::Threads(3)] {
         let par = Par::new(threads).unwrap();
         for rows in [0, 1, 127, 300, 1000] {
-            let ([a, empty, b], pieces) = par.build_many(rows, [3, 0, 5], |first, [mut a, empty, mut b]| {
-                assert!(a.iter().chain(b.iter()).all(|&v| v == 0.0), "{threads:?}, {rows} rows: not cleared");
+            let start = Array2::from_shape_fn((rows, 4), |(i, j)| (10 * i + j) as f64);
+            let starts = [Start::Zeros(3), Start::Zeros(0), Start::Copy(&start)];
+            let ([a, empty, b], pieces) = par.build_many(rows, starts, |first, [mut a, empty, mut b]| {
+                assert!(a.iter().all(|&v| v == 0.0), "{threads:?}, {rows} rows: not cleared");
+                assert_eq!(b, start.slice(s![first..first + b.nrows(), ..]), "{threads:?}, {rows} rows: not copied");
                 assert_eq!((a.nrows(), empty.nrows(), empty.ncols()), (b.nrows(), b.nrows(), 0));
                 for (i, (mut a, mut b)) in a.rows_mut().into_iter().zip(b.rows_mut()).enumerate() {
                     a.fill((first + i) as f64);
-                    b.fill(-((first + i) as f64));
+                    b[0] = -((first + i) as f64);
                 }
                 (first, a.nrows())
             });
-            assert_eq!((a.dim(), empty.dim(), b.dim()), ((rows, 3), (rows, 0), (rows, 5)));
+            assert_eq!((a.dim(), empty.dim(), b.dim()), ((rows, 3), (rows, 0), (rows, 4)));
             let expected: Vec<_> =
                 (0..rows).step_by(chunk_rows(rows)).map(|f| (f, chunk_rows(rows).min(rows - f))).collect();
             assert_eq!(pieces, expected, "{threads:?}, {rows} rows");
             for (i, (a, b)) in a.rows().into_iter().zip(b.rows()).enumerate() {
-                assert!(
-                    a.iter().all(|&v| v == i as f64) && b.iter().all(|&v| v == -(i as f64)),
+                assert!(a.iter().all(|&v| v == i as f64), "{threads:?}, row {i}");
+                assert_eq!(
+                    b.to_vec(),
+                    [-(i as f64), start[[i, 1]], start[[i, 2]], start[[i, 3]]],
                     "{threads:?}, row {i}"
                 );
             }

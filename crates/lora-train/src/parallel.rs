@@ -126,25 +126,36 @@ impl Par {
         Array2::from_shape_vec((rows, cols), data).expect("rows x cols elements")
     }
 
-    /// A new (rows, cols) matrix written by `f` piece by piece: [`Par::build_many`] with one
-    /// output.
+    /// A new (rows, cols) matrix written by `f` piece by piece, from zeros: [`Par::build_many`]
+    /// with one output.
     pub(crate) fn build<T: Scalar, R: Send>(
         &self,
         rows: usize,
         cols: usize,
         f: impl Fn(usize, ArrayViewMut2<'_, T>) -> R + Sync + Send,
     ) -> (Array2<T>, Vec<R>) {
-        let ([m], out) = self.build_many(rows, [cols], |first, [chunk]| f(first, chunk));
+        let ([m], out) = self.build_many(rows, [Start::Zeros(cols)], |first, [chunk]| f(first, chunk));
         (m, out)
     }
 
-    /// New (rows, cols[i]) matrices written by `f` piece by piece: each piece of [`chunk_rows`]
-    /// rows of every matrix is cleared to zero and handed to `f(first_row, pieces)` at once, in
-    /// parallel when there is a pool; returns the matrices and what `f` returned for each piece,
-    /// in row order.
+    /// A new matrix written by `f` piece by piece, from a copy of `start`: [`Par::build_many`]
+    /// with one output.
+    pub(crate) fn build_from<T: Scalar, R: Send>(
+        &self,
+        start: &Array2<T>,
+        f: impl Fn(usize, ArrayViewMut2<'_, T>) -> R + Sync + Send,
+    ) -> (Array2<T>, Vec<R>) {
+        let ([m], out) = self.build_many(start.nrows(), [Start::Copy(start)], |first, [chunk]| f(first, chunk));
+        (m, out)
+    }
+
+    /// New matrices of `rows` rows written by `f` piece by piece: each piece of [`chunk_rows`]
+    /// rows of every matrix is set to its [`Start`] (zeros, or the rows of another matrix) and
+    /// handed to `f(first_row, pieces)`, in parallel when there is a pool; returns the matrices
+    /// and what `f` returned for each piece, in row order.
     ///
-    /// The same numbers as [`Par::zeros`] followed by [`Par::row_chunks`], without the pass over
-    /// whole matrices: a piece is cleared just before `f` writes it, so the cleared lines are
+    /// The same numbers as [`Par::zeros`] (or a copy) followed by [`Par::row_chunks`], without
+    /// the pass over whole matrices: a piece is set just before `f` writes it, so its lines are
     /// still in the core's cache instead of written back to memory and fetched again. Clearing
     /// whole matrices up front took about 10% of a training step's CPU time on the issue-6
     /// bench config (perf, docs/benchmarks.md).
@@ -152,9 +163,16 @@ impl Par {
     pub(crate) fn build_many<T: Scalar, R: Send, const N: usize>(
         &self,
         rows: usize,
-        cols: [usize; N],
+        starts: [Start<'_, T>; N],
         f: impl Fn(usize, [ArrayViewMut2<'_, T>; N]) -> R + Sync + Send,
     ) -> ([Array2<T>; N], Vec<R>) {
+        let cols = starts.each_ref().map(|s| match s {
+            Start::Zeros(cols) => *cols,
+            Start::Copy(m) => {
+                assert_eq!(m.nrows(), rows, "a start of {rows} rows");
+                m.ncols()
+            }
+        });
         let piece = chunk_rows(rows);
         let count = rows.div_ceil(piece);
         let mut data = cols.map(|c| Box::<[T]>::new_uninit_slice(rows * c));
@@ -175,11 +193,21 @@ impl Par {
         drop(splits);
         let out = self.map_vec(tasks, |(first, pieces)| {
             let n = piece.min(rows - first);
+            let mut i = 0;
             let views = pieces.map(|p| {
-                p.fill(MaybeUninit::new(T::zero()));
+                let (cols, start) = (cols[i], &starts[i]);
+                i += 1;
+                match start {
+                    Start::Zeros(_) => p.fill(MaybeUninit::new(T::zero())),
+                    Start::Copy(m) => {
+                        for (dst, src) in p.chunks_exact_mut(cols.max(1)).zip(m.slice(s![first..first + n, ..]).rows())
+                        {
+                            dst.iter_mut().zip(src).for_each(|(d, &s)| _ = d.write(s));
+                        }
+                    }
+                }
                 // SAFETY: every element was just written, and MaybeUninit<T> has T's layout
                 let p = unsafe { std::slice::from_raw_parts_mut(p.as_mut_ptr().cast::<T>(), p.len()) };
-                let cols = p.len() / n;
                 ArrayViewMut2::from_shape((n, cols), p).expect("a piece of whole rows")
             });
             f(first, views)
@@ -192,6 +220,15 @@ impl Par {
         });
         (mats, out)
     }
+}
+
+/// What a matrix of [`Par::build_many`] holds before its pieces are handed out.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Start<'a, T> {
+    /// Zeros, this many columns.
+    Zeros(usize),
+    /// A copy of this matrix (of the built one's rows).
+    Copy(&'a Array2<T>),
 }
 
 /// Defines `fn name<T: Scalar>(args) -> R` that runs `body` compiled for AVX-512 (or AVX2)
