@@ -3,6 +3,8 @@
 
 use lora_core::{LoraLayer, Scalar, Scaling};
 use ndarray::linalg::general_mat_mul;
+use std::ops::Range;
+
 use ndarray::{s, Array1, Array2, ArrayViewMut2, Axis, Zip};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -269,14 +271,15 @@ const THIN_ROWS: usize = 128;
 /// their LoRA gradients.
 ///
 /// When each has a LoRA branch run without a dropout mask, everything runs in one parallel pass
-/// over pieces of rows (the [`chunk_rows`] pieces): for each branch dy B and its dB partial
-/// s dyᵀ (x Aᵀ) by [`THIN_ROWS`] rows, and the input gradient dy (W + s B A); then the dA
-/// partial of every branch at once, (dy B)ᵀ x with the dy B side by side. dy's rows come from
-/// cache for the second product instead of from memory, and both threads stay busy to the end
-/// (as thin products of whole matrices the work split into a few uneven tasks). The partials
-/// of the pieces add up in row order, so the result does not depend on the thread count.
-/// Measured on the issue-6 bench config: the backward passes of the four groups of a layer
-/// about 30 ms faster per training step (docs/benchmarks.md).
+/// over the [`crate::parallel::pieces`] of the rows. For each block ([`chunk_rows`] rows) of a
+/// piece: for each branch dy B and its dB partial s dyᵀ (x Aᵀ) by [`THIN_ROWS`] rows (dy's rows
+/// come from cache for the second product instead of from memory), then the dA partial of every
+/// branch at once, (dy B)ᵀ x with the dy B side by side. Then the piece's rows of the input
+/// gradient, dy (W + s B A) of each branch. Both threads stay busy to the end (as thin products
+/// of whole matrices the work split into a few uneven tasks), and the partials of the blocks
+/// add up in row order, so the result does not depend on the thread count. Measured on the
+/// issue-6 bench config: the backward passes of the four groups of a layer about 30 ms faster
+/// per training step (docs/benchmarks.md).
 pub(crate) fn backward_shared<T: Scalar>(
     linears: &[&Linear<T>],
     dys: &[&Array2<T>],
@@ -295,9 +298,8 @@ pub(crate) fn backward_shared<T: Scalar>(
     }
     let loras: Vec<&LoraParams<T>> = linears.iter().map(|l| l.lora.as_ref().expect("checked above")).collect();
     let ranks: usize = loras.iter().map(|l| l.a.nrows()).sum();
-    let rows = chunk_rows(n);
-    let piece = |first: usize, mut dx: Option<ArrayViewMut2<'_, T>>| {
-        let rows = first..(first + rows).min(n);
+    // the dA and dB partials of one block of rows
+    let block_partials = |rows: Range<usize>| {
         let mut gb = Array2::zeros((rows.len(), ranks)); // dy B of every branch, side by side
         let mut first = 0;
         let mut dbs = Vec::with_capacity(loras.len());
@@ -320,25 +322,33 @@ pub(crate) fn backward_shared<T: Scalar>(
                 general_mat_mul(lora.scale(), &dys.t(), &xa.slice(s![sub, ..]), T::one(), &mut db);
             }
             dbs.push(db);
-            if let Some(dx) = dx.as_mut() {
-                // dy (W + s B A): the base and the branch's input gradients in one product
-                let merged = cache.merged.as_ref().expect("checked above");
-                general_mat_mul(T::one(), &dy, merged, T::one(), dx);
-            }
             first += r;
         }
         let mut da = Array2::zeros((ranks, x.ncols()));
         general_mat_mul(T::one(), &gb.t(), &x.slice(s![rows, ..]), T::one(), &mut da);
         (da, dbs)
     };
+    // a piece: the partials of its blocks, then its rows of dx, dy (W + s B A) of each branch
+    // (the base and the branch's input gradients in one product)
+    let block = chunk_rows(n);
+    let piece = |rows: Range<usize>, dx: Option<ArrayViewMut2<'_, T>>| {
+        let parts: Vec<_> = rows.clone().step_by(block).map(|b| block_partials(b..(b + block).min(rows.end))).collect();
+        if let Some(mut dx) = dx {
+            for (dy, cache) in dys.iter().zip(caches) {
+                let merged = cache.merged.as_ref().expect("checked above");
+                general_mat_mul(T::one(), &dy.slice(s![rows.clone(), ..]), merged, T::one(), &mut dx);
+            }
+        }
+        parts
+    };
     let (dx, partials) = match need_dx {
         true => {
-            let (dx, partials) = par.build(n, d_in, |first, dx| piece(first, Some(dx)));
+            let (dx, partials) = par.build(n, d_in, |first, dx| piece(first..first + dx.nrows(), Some(dx)));
             (Some(dx), partials)
         }
-        false => (None, par.map_vec((0..n).step_by(rows).collect(), |first| piece(first, None))),
+        false => (None, par.map_vec(par.pieces(n), |rows| piece(rows, None))),
     };
-    let mut partials = partials.into_iter();
+    let mut partials = partials.into_iter().flatten();
     let (mut da_all, mut dbs) = partials.next().expect("at least one row");
     for (da, more) in partials {
         da_all += &da;

@@ -10,7 +10,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::linear::{self, Linear, LinearCache, LoraGrad};
 use crate::ops::{self, AttnDims, Rope};
-use crate::parallel::{gemm, Par, Parallelism};
+use crate::parallel::{chunk_rows, gemm, Par, Parallelism};
 
 /// Labels equal to this value do not count in the loss (PyTorch's and transformers' -100).
 pub const IGNORE_INDEX: i64 = -100;
@@ -529,18 +529,28 @@ impl<T: Scalar> Model<T> {
         let w = self.lm_head();
         // no columns when no gradient is asked for: the pieces of rows are still the same
         let mut dxf = self.par.zeros(h.nrows(), if grad.is_some() { h.ncols() } else { 0 });
+        let block = chunk_rows(h.nrows());
         let parts = self.par.row_chunks_map(&mut dxf, |first, mut dx| {
             let rows = first..first + dx.nrows();
             let mut logits = Array2::zeros((rows.len(), self.config.vocab_size));
             general_mat_mul(T::one(), &xf.slice(s![rows.clone(), ..]), &w.t(), T::one(), &mut logits);
-            let part = ops::cross_entropy_rows(&mut logits.view_mut(), targets.slice(s![rows]), grad);
+            // the loss block by block: its sum does not depend on the pieces
+            let parts: Vec<_> = (0..rows.len())
+                .step_by(block)
+                .map(|b| {
+                    let sub = b..(b + block).min(rows.len());
+                    let targets = targets.slice(s![first + sub.start..first + sub.end]);
+                    ops::cross_entropy_rows(&mut logits.slice_mut(s![sub, ..]), targets, grad)
+                })
+                .collect();
             if grad.is_some() {
                 general_mat_mul(T::one(), &logits, w, T::one(), &mut dx);
             }
-            part
+            parts
         });
         let loss = parts
             .into_iter()
+            .flatten()
             .fold(Loss { sum: 0.0, count: 0 }, |acc, (s, c)| Loss { sum: acc.sum + s, count: acc.count + c });
         let dh = grad.map(|_| ops::rms_norm_backward(&dxf, h, &self.norm, &rstd, None, &self.par));
         (loss, dh)

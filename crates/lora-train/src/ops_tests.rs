@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::ops::{attention_backward, attention_blocks, AttnDims};
-use crate::parallel::{chunk_rows, Par, Parallelism, Start};
+use crate::parallel::{chunk_rows, pieces, Par, Parallelism, Start};
 
 fn random(rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Array2<f64> {
     Array2::from_shape_simple_fn((rows, cols), || rng.random::<f64>() * 2.0 - 1.0)
@@ -133,8 +133,21 @@ fn causal_blocks_equal_dense_attention_with_padding_forward_and_backward() {
 }
 
 #[test]
-fn row_pieces_depend_on_the_row_count_only_and_cover_every_row_once() {
+fn pieces_are_whole_blocks_one_per_thread() {
     assert_eq!([1, 300, 512, 1000, 2048, 4096, 100_000].map(chunk_rows), [128, 128, 128, 256, 512, 1024, 1024]);
+    assert_eq!(pieces(2048, 1), [0..2048]);
+    assert_eq!(pieces(2048, 2), [0..1024, 1024..2048]);
+    assert_eq!(pieces(2048, 3), [0..1024, 1024..1536, 1536..2048]);
+    assert_eq!(pieces(2048, 8), [0..512, 512..1024, 1024..1536, 1536..2048]);
+    assert_eq!(pieces(300, 2), [0..256, 256..300]);
+    assert_eq!(pieces(300, 0), [0..300]);
+    assert!(pieces(0, 2).is_empty());
+    assert_eq!(Par::new(Parallelism::Sequential).unwrap().pieces(300), [0..300]);
+    assert_eq!(Par::new(Parallelism::Threads(3)).unwrap().pieces(300), [0..128, 128..256, 256..300]);
+}
+
+#[test]
+fn row_pieces_cover_every_row_once() {
     for threads in [Parallelism::Sequential, Parallelism::Threads(1), Parallelism::Threads(3)] {
         let par = Par::new(threads).unwrap();
         let mut out = Array2::<usize>::zeros((1000, 3));
@@ -165,8 +178,7 @@ fn built_matrices_are_written_piece_by_piece_from_their_start() {
                 (first, a.nrows())
             });
             assert_eq!((a.dim(), empty.dim(), b.dim()), ((rows, 3), (rows, 0), (rows, 4)));
-            let expected: Vec<_> =
-                (0..rows).step_by(chunk_rows(rows)).map(|f| (f, chunk_rows(rows).min(rows - f))).collect();
+            let expected: Vec<_> = par.pieces(rows).into_iter().map(|p| (p.start, p.len())).collect();
             assert_eq!(pieces, expected, "{threads:?}, {rows} rows");
             for (i, (a, b)) in a.rows().into_iter().zip(b.rows()).enumerate() {
                 assert!(a.iter().all(|&v| v == i as f64), "{threads:?}, row {i}");

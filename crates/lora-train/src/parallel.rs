@@ -13,11 +13,13 @@ use crate::error::{Error, Result};
 
 /// How many threads the model's work runs on.
 ///
-/// With a pool, attention runs in parallel across (sequence, head) pairs, the loss across
-/// sequences, and every large product and elementwise pass across fixed chunks of rows
-/// (sequences x positions), each chunk one `general_mat_mul` (a CBLAS when the final binary
-/// links one). Results do not depend on the thread count: the chunks are the same and parallel
-/// pieces are combined in a fixed order.
+/// With a pool, attention runs in parallel across (sequence, head) pairs, and every large
+/// product and elementwise pass across pieces of rows (sequences x positions), one per thread,
+/// each piece one `general_mat_mul` (a CBLAS when the final binary links one). Results do not
+/// depend on the thread count: sums over rows (the loss, LoRA gradients) go over blocks of rows
+/// that depend on the row count alone, combined in row order, and the BLAS computes each row of
+/// a product the same way whatever other rows share the call. OpenBLAS does (the tests check
+/// it); oneMKL promises it only in its reproducible mode (`MKL_CBWR`).
 ///
 /// A multi-threaded BLAS under a rayon pool oversubscribes the cores (measured: 3.5x slower on
 /// 2 cores); run OpenBLAS single-threaded (`OPENBLAS_NUM_THREADS=1`) with
@@ -42,6 +44,32 @@ pub(crate) struct Par {
     pool: Option<Arc<rayon::ThreadPool>>,
 }
 
+/// Rows of a matrix, `rows`, cut into pieces of whole [`chunk_rows`] blocks, one piece per
+/// thread (at most one per block): the row ranges, in order.
+///
+/// Every piece of a product is one BLAS call, which packs all of the other operand (a weight)
+/// again, so one piece per thread packs it the fewest times: on the issue-6 bench config (2048
+/// rows, blocks of 512, 2 threads) pieces of two blocks took 3.5% less CPU time per training
+/// step than pieces of one (docs/benchmarks.md). The numbers do not depend on the pieces: BLAS
+/// computes each row of a product the same way whatever other rows share the call (checked by
+/// `threads_give_the_same_numbers_over_many_row_chunks_and_query_blocks`), and sums over rows
+/// (LoRA gradients, the loss) go block by block, in row order.
+pub(crate) fn pieces(rows: usize, threads: usize) -> Vec<std::ops::Range<usize>> {
+    let block = chunk_rows(rows);
+    let blocks = rows.div_ceil(block);
+    let count = threads.clamp(1, blocks.max(1));
+    let mut first = 0;
+    (0..count)
+        .map(|i| {
+            let n = blocks / count + usize::from(i < blocks % count);
+            let piece = first..(first + n * block).min(rows);
+            first = piece.end;
+            piece
+        })
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
 impl Par {
     pub(crate) fn new(parallelism: Parallelism) -> Result<Self> {
         match parallelism {
@@ -56,6 +84,16 @@ impl Par {
                 Ok(Par { pool: Some(Arc::new(pool)) })
             }
         }
+    }
+
+    /// The number of threads: 1 without a pool.
+    pub(crate) fn threads(&self) -> usize {
+        self.pool.as_ref().map_or(1, |p| p.current_num_threads())
+    }
+
+    /// The row ranges of [`pieces`] for this pool.
+    pub(crate) fn pieces(&self, rows: usize) -> Vec<std::ops::Range<usize>> {
+        pieces(rows, self.threads())
     }
 
     /// Run `f` inside the pool (so that nested `map` calls use it), or on this thread.
@@ -82,9 +120,8 @@ impl Par {
         }
     }
 
-    /// `f(first_row, chunk)` on consecutive chunks of [`chunk_rows`] rows of `out`, in parallel
-    /// when there is a pool. The chunks depend on the number of rows only, never on the thread
-    /// count, so results do not either.
+    /// `f(first_row, piece)` on the [`pieces`] of `out`'s rows, in parallel when there is a
+    /// pool.
     pub(crate) fn row_chunks<T: Send + Sync>(
         &self,
         out: &mut Array2<T>,
@@ -99,9 +136,15 @@ impl Par {
         out: &mut Array2<T>,
         f: impl Fn(usize, ArrayViewMut2<'_, T>) -> R + Sync + Send,
     ) -> Vec<R> {
-        let rows = chunk_rows(out.nrows());
-        let chunks: Vec<_> = out.axis_chunks_iter_mut(Axis(0), rows).enumerate().collect();
-        self.map_vec(chunks, |(i, chunk)| f(i * rows, chunk))
+        let pieces = self.pieces(out.nrows());
+        let mut rest = out.view_mut();
+        let mut chunks = Vec::new();
+        for piece in pieces {
+            let (chunk, tail) = rest.split_at(Axis(0), piece.len());
+            chunks.push((piece.start, chunk));
+            rest = tail;
+        }
+        self.map_vec(chunks, |(first, chunk)| f(first, chunk))
     }
 
     /// A (rows, cols) matrix of zeros, cleared by the pool's threads.
@@ -149,10 +192,10 @@ impl Par {
         (m, out)
     }
 
-    /// New matrices of `rows` rows written by `f` piece by piece: each piece of [`chunk_rows`]
-    /// rows of every matrix is set to its [`Start`] (zeros, or the rows of another matrix) and
-    /// handed to `f(first_row, pieces)`, in parallel when there is a pool; returns the matrices
-    /// and what `f` returned for each piece, in row order.
+    /// New matrices of `rows` rows written by `f` piece by piece: each of the [`pieces`] of
+    /// every matrix is set to its [`Start`] (zeros, or the rows of another matrix) and handed to
+    /// `f(first_row, pieces)`, in parallel when there is a pool; returns the matrices and what
+    /// `f` returned for each piece, in row order.
     ///
     /// The same numbers as [`Par::zeros`] (or a copy) followed by [`Par::row_chunks`], without
     /// the pass over whole matrices: a piece is set just before `f` writes it, so its lines are
@@ -173,15 +216,15 @@ impl Par {
                 m.ncols()
             }
         });
-        let piece = chunk_rows(rows);
-        let count = rows.div_ceil(piece);
+        let pieces = self.pieces(rows);
         let mut data = cols.map(|c| Box::<[T]>::new_uninit_slice(rows * c));
         let mut splits = data.each_mut().map(|d| {
             let mut rest: &mut [MaybeUninit<T>] = d;
             let cols = rest.len() / rows.max(1);
-            (0..count)
-                .map(|i| {
-                    let (head, tail) = std::mem::take(&mut rest).split_at_mut(piece.min(rows - i * piece) * cols);
+            pieces
+                .iter()
+                .map(|piece| {
+                    let (head, tail) = std::mem::take(&mut rest).split_at_mut(piece.len() * cols);
                     rest = tail;
                     head
                 })
@@ -189,12 +232,12 @@ impl Par {
                 .into_iter()
         });
         let tasks: Vec<_> =
-            (0..count).map(|i| (i * piece, splits.each_mut().map(|s| s.next().expect("count")))).collect();
+            pieces.iter().map(|p| (p.clone(), splits.each_mut().map(|s| s.next().expect("one per piece")))).collect();
         drop(splits);
-        let out = self.map_vec(tasks, |(first, pieces)| {
-            let n = piece.min(rows - first);
+        let out = self.map_vec(tasks, |(piece, parts)| {
+            let (first, n) = (piece.start, piece.len());
             let mut i = 0;
-            let views = pieces.map(|p| {
+            let views = parts.map(|p| {
                 let (cols, start) = (cols[i], &starts[i]);
                 i += 1;
                 match start {
@@ -289,20 +332,20 @@ pub(crate) fn baseline_only() -> bool {
 /// Below this many elements [`Par::zeros`] fills on the calling thread.
 const PARALLEL_FILL: usize = 1 << 16;
 
-/// Rows per piece of work in [`Par::row_chunks`] for a matrix of `rows` rows: about a quarter
-/// of them (enough pieces to share among a few threads), in multiples of 64, from 128 to 1024.
+/// Rows per block of a matrix of `rows` rows: about a quarter of them (enough blocks to share
+/// among a few threads), in multiples of 64, from 128 to 1024. The [`pieces`] of parallel work
+/// are whole blocks, and sums over rows go block by block: a function of `rows` alone, so the
+/// sums, and the results, are the same whatever the thread count.
 ///
-/// Every piece of a product `x Wᵀ` is one GEMM call, which packs all of W again, so fewer,
-/// taller pieces pack the weights fewer times: on the issue-6 bench config (2048 rows) pieces of
-/// 256 rows instead of 128 took about 10% less CPU time per training step, and pieces of 512
-/// instead of 256 about 5% less again on a quiet machine (docs/benchmarks.md). A function of
-/// `rows` alone, so the pieces, and the results, are the same whatever the thread count.
+/// Blocks of 256 rows instead of 128 took about 10% less CPU time per training step on the
+/// issue-6 bench config (2048 rows) when each block was a piece of its own, and blocks of 512
+/// about 5% less again (docs/benchmarks.md).
 pub(crate) fn chunk_rows(rows: usize) -> usize {
     rows.div_ceil(4).next_multiple_of(64).clamp(128, 1024)
 }
 
-/// c = alpha a b + beta c, with a's and c's rows split into
-/// [`chunk_rows`] pieces computed in parallel (each piece a single-threaded-size GEMM).
+/// c = alpha a b + beta c, with a's and c's rows split into [`pieces`] computed in parallel
+/// (each piece a single-threaded GEMM).
 pub(crate) fn gemm<T: Scalar>(par: &Par, alpha: T, a: &ArrayRef2<T>, b: &ArrayRef2<T>, beta: T, c: &mut Array2<T>) {
     par.row_chunks(c, |first, mut chunk| {
         let rows = first..first + chunk.nrows();

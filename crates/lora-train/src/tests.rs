@@ -217,6 +217,29 @@ fn threads_give_the_same_numbers_over_many_row_chunks_and_query_blocks() {
 }
 
 #[test]
+fn the_pieces_of_the_products_do_not_change_the_numbers_in_f32() {
+    // 300 rows are 3 blocks of 128: one piece without a pool, two (256 + 44 rows) or three
+    // with 2 or 3 threads, so every product runs with other row counts per call; f32, the
+    // BLAS's sgemm, with the LoRA branch merged (no dropout) and apart (dropout)
+    let config = qwen2_gqa_tied();
+    let mut model: Model<f32> = Model::from_source(config.clone(), &random_weights(&config, 9)).unwrap();
+    let mut lora = LoraConfig::new(2, 3.0, TargetModules::AllLinear);
+    lora.init = Init::Random { b_std: 0.3 };
+    model.add_lora(&lora).unwrap();
+    let batch = hundred_position_batch();
+    for dropout in [0.0, 0.1] {
+        model.set_lora_dropout(dropout).unwrap();
+        let options = StepOptions { checkpointing: false, dropout_seed: 1 };
+        let run = |m: &Model<f32>| (m.loss_and_grads(&batch, options).unwrap(), m.logits(&batch).unwrap());
+        let sequential = run(&model);
+        for threads in [2, 3] {
+            let pooled = model.clone().with_parallelism(Parallelism::Threads(threads)).unwrap();
+            assert!(run(&pooled) == sequential, "{threads} threads, dropout {dropout}: other numbers");
+        }
+    }
+}
+
+#[test]
 fn the_avx_kernels_give_the_baseline_numbers_in_f32() {
     use std::sync::atomic::Ordering;
     // f32, where the kernels' exponentials are the vectorised polynomial; 2 x 37 positions
