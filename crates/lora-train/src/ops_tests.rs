@@ -133,6 +133,7 @@ fn causal_blocks_equal_dense_attention_with_padding_forward_and_backward() {
 }
 
 #[test]
+#[allow(clippy::single_range_in_vec_init)] // one piece is a list of one range
 fn pieces_are_whole_blocks_one_per_thread() {
     assert_eq!([1, 300, 512, 1000, 2048, 4096, 100_000].map(chunk_rows), [128, 128, 128, 256, 512, 1024, 1024]);
     assert_eq!(pieces(2048, 1), [0..2048]);
