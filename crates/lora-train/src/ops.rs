@@ -10,19 +10,33 @@ use crate::parallel::{multiversioned, Par, Start};
 
 /// y = w ⊙ x / sqrt(mean(x²) + eps) per row; also returns 1 / sqrt(mean(x²) + eps) per row.
 pub(crate) fn rms_norm<T: Scalar>(x: &Array2<T>, w: &Array1<T>, eps: f64, par: &Par) -> (Array2<T>, Array1<T>) {
-    let h = T::from_f64(x.ncols() as f64);
+    let (x, w) = (x.as_standard_layout(), w.as_standard_layout());
+    let w = w.as_slice().expect("standard layout");
     let eps = T::from_f64(eps);
     let (y, rstd) = par.build(x.nrows(), x.ncols(), |first, mut chunk| {
         let x = x.slice(s![first..first + chunk.nrows(), ..]);
-        let mut rstd = Vec::with_capacity(chunk.nrows());
-        Zip::from(chunk.rows_mut()).and(x.rows()).for_each(|mut y, x| {
-            let r = T::one() / (x.iter().fold(T::zero(), |acc, &v| acc + v * v) / h + eps).sqrt();
-            Zip::from(&mut y).and(&x).and(w).for_each(|y, &x, &w| *y = w * (x * r));
-            rstd.push(r);
-        });
-        rstd
+        let rows = chunk.rows_mut().into_iter().zip(x.rows());
+        rows.map(|(mut y, x)| rms_norm_row(as_slice_mut(&mut y), x.to_slice().expect("standard layout"), w, eps))
+            .collect::<Vec<_>>()
     });
     (y, rstd.into_iter().flatten().collect())
+}
+
+/// The contiguous elements of a row of a standard-layout matrix.
+fn as_slice_mut<'a, T>(row: &'a mut ndarray::ArrayViewMut1<'_, T>) -> &'a mut [T] {
+    row.as_slice_mut().expect("rows of a standard-layout matrix")
+}
+
+multiversioned! {
+    /// [`rms_norm`] of one row: y = w ⊙ x r, returns r = 1 / sqrt(mean(x²) + eps), the sum of
+    /// squares in [`LANES`] partial sums.
+    fn rms_norm_row<T: Scalar>(y: &mut [T], x: &[T], w: &[T], eps: T) -> T {
+        let r = T::one() / (dot(x, x) / T::from_f64(x.len() as f64) + eps).sqrt();
+        for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+            *y = w * (x * r);
+        }
+        r
+    }
 }
 
 /// Backward of [`rms_norm`], plus `residual` (the gradient reaching x by a skip connection)
@@ -35,22 +49,43 @@ pub(crate) fn rms_norm_backward<T: Scalar>(
     residual: Option<&Array2<T>>,
     par: &Par,
 ) -> Array2<T> {
-    let h = T::from_f64(x.ncols() as f64);
-    par.build(x.nrows(), x.ncols(), |first, mut chunk| {
-        let rows = first..first + chunk.nrows();
-        let (dy, x, rstd) =
-            (dy.slice(s![rows.clone(), ..]), x.slice(s![rows.clone(), ..]), rstd.slice(s![rows.clone()]));
-        Zip::from(chunk.rows_mut()).and(dy.rows()).and(x.rows()).and(&rstd).for_each(|mut dx, dy, x, &r| {
-            let mut dot = T::zero();
-            Zip::from(&dy).and(&x).and(w).for_each(|&dy, &x, &w| dot += dy * w * x);
-            let c = r * r * r * dot / h;
-            Zip::from(&mut dx).and(&dy).and(&x).and(w).for_each(|dx, &dy, &x, &w| *dx = r * dy * w - x * c);
-        });
-        if let Some(residual) = residual {
-            chunk += &residual.slice(s![rows, ..]);
+    let (dy, x, w) = (dy.as_standard_layout(), x.as_standard_layout(), w.as_standard_layout());
+    let residual = residual.map(|r| r.as_standard_layout());
+    let (rows, cols) = x.dim();
+    let (w, dy, x) = (w.as_slice(), dy.as_slice(), x.as_slice());
+    let [w, dy, x] = [w, dy, x].map(|m| m.expect("standard layout"));
+    let residual = residual.as_ref().map(|m| m.as_slice().expect("standard layout"));
+    par.build(rows, cols, |first, mut chunk| {
+        for (i, mut dx) in (first..).zip(chunk.rows_mut()) {
+            let row = i * cols..(i + 1) * cols;
+            let residual = residual.map(|m| &m[row.clone()]);
+            rms_norm_backward_row(as_slice_mut(&mut dx), &dy[row.clone()], &x[row], w, rstd[i], residual);
         }
     })
     .0
+}
+
+multiversioned! {
+    /// [`rms_norm_backward`] of one row, r its 1 / rms; the sum of dy w x in [`LANES`] partial
+    /// sums.
+    fn rms_norm_backward_row<T: Scalar>(dx: &mut [T], dy: &[T], x: &[T], w: &[T], r: T, residual: Option<&[T]>) {
+        let mut sums = [T::zero(); LANES];
+        let (cy, cx, cw) = (dy.chunks_exact(LANES), x.chunks_exact(LANES), w.chunks_exact(LANES));
+        let tail = cy.remainder().iter().zip(cx.remainder()).zip(cw.remainder());
+        let tail = tail.fold(T::zero(), |acc, ((&dy, &x), &w)| acc + dy * w * x);
+        for ((dy, x), w) in cy.zip(cx).zip(cw) {
+            for i in 0..LANES {
+                sums[i] += dy[i] * w[i] * x[i];
+            }
+        }
+        let dot = sums.iter().fold(tail, |a, &b| a + b);
+        let c = r * r * r * dot / T::from_f64(x.len() as f64);
+        let rows = dx.iter_mut().zip(dy).zip(x).zip(w);
+        match residual {
+            None => rows.for_each(|(((dx, &dy), &x), &w)| *dx = r * dy * w - x * c),
+            Some(res) => rows.zip(res).for_each(|((((dx, &dy), &x), &w), &res)| *dx = (r * dy * w - x * c) + res),
+        }
+    }
 }
 
 /// cos and sin of the rotary angles, (positions, head_dim / 2): angle(t, i) = t / theta^(2i / d).
