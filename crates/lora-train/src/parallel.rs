@@ -28,7 +28,8 @@ use crate::error::{Error, Result};
 /// The products go to whatever `cblas_sgemm` the process resolves, so another CBLAS can stand in
 /// for the linked OpenBLAS without a rebuild: oneMKL, preloaded with its sequential layer
 /// (`MKL_THREADING_LAYER=SEQUENTIAL LD_PRELOAD=.../libmkl_rt.so.3`), made the issue-6 bench
-/// config's step about 9% faster (docs/benchmarks.md, "Session 6").
+/// config's step about 9% faster when every product ran in four pieces (docs/benchmarks.md,
+/// "Session 6"); with one piece per thread OpenBLAS is the faster of the two ("Session 7").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Parallelism {
     /// Everything on the calling thread, no rayon: deterministic and the reference path.
