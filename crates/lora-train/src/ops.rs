@@ -110,21 +110,30 @@ impl<T: Scalar> Rope<T> {
     /// place, with transformers' rotate-half convention: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s).
     /// `inverse` applies the transpose (the backward pass).
     pub(crate) fn apply(&self, x: &mut Array2<T>, seq: usize, head_dim: usize, inverse: bool, par: &Par) {
-        let half = head_dim / 2;
         par.row_chunks(x, |first, mut chunk| {
             for (row, mut xr) in (first..).zip(chunk.rows_mut()) {
                 let t = row % seq;
                 let (cos, sin) = (self.cos.row(t), self.sin.row(t));
-                for mut head in xr.exact_chunks_mut(head_dim) {
-                    for i in 0..half {
-                        let (x1, x2) = (head[i], head[i + half]);
-                        let (c, s) = (cos[i], if inverse { -sin[i] } else { sin[i] });
-                        head[i] = x1 * c - x2 * s;
-                        head[i + half] = x2 * c + x1 * s;
-                    }
-                }
+                let [cos, sin] = [&cos, &sin].map(|r| r.to_slice().expect("rows of a standard-layout matrix"));
+                rope_row(xr.as_slice_mut().expect("rows of a standard-layout matrix"), cos, sin, head_dim, inverse);
             }
         });
+    }
+}
+
+multiversioned! {
+    /// [`Rope::apply`] to one row: every head of `head_dim` numbers rotated by the position's
+    /// cos and sin (their transpose when `inverse`).
+    fn rope_row<T: Scalar>(row: &mut [T], cos: &[T], sin: &[T], head_dim: usize, inverse: bool) {
+        for head in row.chunks_exact_mut(head_dim) {
+            let (first, second) = head.split_at_mut(head_dim / 2);
+            for (((x1, x2), &c), &s) in first.iter_mut().zip(second.iter_mut()).zip(cos).zip(sin) {
+                let s = if inverse { -s } else { s };
+                let (a, b) = (*x1, *x2);
+                *x1 = a * c - b * s;
+                *x2 = b * c + a * s;
+            }
+        }
     }
 }
 
