@@ -52,9 +52,9 @@ pub(crate) struct Par {
 /// again, so one piece per thread packs it the fewest times: on the issue-6 bench config (2048
 /// rows, blocks of 512, 2 threads) pieces of two blocks took 3.5% less CPU time per training
 /// step than pieces of one (docs/benchmarks.md). The numbers do not depend on the pieces: BLAS
-/// computes each row of a product the same way whatever other rows share the call (checked by
-/// `threads_give_the_same_numbers_over_many_row_chunks_and_query_blocks`), and sums over rows
-/// (LoRA gradients, the loss) go block by block, in row order.
+/// computes each row of a product the same way whatever other rows share the call (checked bit
+/// for bit by `the_pieces_of_the_products_do_not_change_the_numbers_in_f32`), and sums over
+/// rows (LoRA gradients, the loss) go block by block, in row order.
 pub(crate) fn pieces(rows: usize, threads: usize) -> Vec<std::ops::Range<usize>> {
     let block = chunk_rows(rows);
     let blocks = rows.div_ceil(block);
@@ -151,8 +151,8 @@ impl Par {
     /// A (rows, cols) matrix of zeros, cleared by the pool's threads.
     ///
     /// `Array2::zeros` clears the memory on the calling thread (glibc's `calloc` of a reused
-    /// block is a `memset`) while the other threads wait; a training step allocates about 1 GB
-    /// of such matrices on the issue-6 bench config.
+    /// block is a `memset`) while the other threads wait. For a matrix that a product or kernel
+    /// writes next, [`Par::build`] clears it piece by piece instead.
     #[allow(unsafe_code)] // Vec::set_len after every element is written
     pub(crate) fn zeros<T: Scalar>(&self, rows: usize, cols: usize) -> Array2<T> {
         let len = rows * cols;
@@ -199,10 +199,11 @@ impl Par {
     /// `f` returned for each piece, in row order.
     ///
     /// The same numbers as [`Par::zeros`] (or a copy) followed by [`Par::row_chunks`], without
-    /// the pass over whole matrices: a piece is set just before `f` writes it, so its lines are
-    /// still in the core's cache instead of written back to memory and fetched again. Clearing
-    /// whole matrices up front took about 10% of a training step's CPU time on the issue-6
-    /// bench config (perf, docs/benchmarks.md).
+    /// a separate pass over whole matrices: a piece is set just before `f` writes it, while its
+    /// lines are in the core's cache. Whole-matrix clears were 9.7% of a training step's CPU
+    /// samples on the issue-6 bench config; clearing by pieces (with the residual adds folded
+    /// in) took the step from 1.20-1.24 to 1.17 s on two threads (docs/benchmarks.md, "Session
+    /// 7").
     #[allow(unsafe_code)] // the pieces are initialised before they are seen as T
     pub(crate) fn build_many<T: Scalar, R: Send, const N: usize>(
         &self,
