@@ -106,6 +106,7 @@ mod ops;
 pub mod optim;
 mod parallel;
 pub mod synthetic;
+mod thin;
 mod trainer;
 
 pub use config::{Architecture, ModelConfig};
@@ -128,5 +129,7 @@ mod ops_tests;
 mod optim_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod thin_tests;
 #[cfg(test)]
 mod trainer_tests;

@@ -5,11 +5,12 @@ use lora_core::{LoraLayer, Scalar, Scaling};
 use ndarray::linalg::general_mat_mul;
 use std::ops::Range;
 
-use ndarray::{s, Array1, Array2, ArrayViewMut2, Axis, Zip};
+use ndarray::{s, Array1, Array2, ArrayView2, ArrayViewMut2, Axis, Zip};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::parallel::{chunk_rows, gemm, Par};
+use crate::thin::{self, f32s, f32s_mut};
 
 /// The trainable factors of one LoRA branch.
 #[derive(Debug, Clone, PartialEq)]
@@ -272,9 +273,10 @@ const THIN_ROWS: usize = 128;
 ///
 /// When each has a LoRA branch run without a dropout mask, everything runs in one parallel pass
 /// over the [`crate::parallel::pieces`] of the rows. For each block ([`chunk_rows`] rows) of a
-/// piece: for each branch dy B and its dB partial s dyᵀ (x Aᵀ) by [`THIN_ROWS`] rows (dy's rows
-/// come from cache for the second product instead of from memory), then the dA partial of every
-/// branch at once, (dy B)ᵀ x with the dy B side by side. Then the piece's rows of the input
+/// piece: for each branch dy B and its dB partial s dyᵀ (x Aᵀ), in one pass over dy with the
+/// AVX-512 kernels of [`thin`] where they apply, else by [`THIN_ROWS`] rows (dy's rows come from
+/// cache for the second product instead of from memory), then the dA partial of every branch at
+/// once, (dy B)ᵀ x with the dy B side by side. Then the piece's rows of the input
 /// gradient, dy (W + s B A) of each branch. Both threads stay busy to the end (as thin products
 /// of whole matrices the work split into a few uneven tasks), and the partials of the blocks
 /// add up in row order, so the result does not depend on the thread count. Measured on the
@@ -300,6 +302,7 @@ pub(crate) fn backward_shared<T: Scalar>(
     let ranks: usize = loras.iter().map(|l| l.a.nrows()).sum();
     // the dA and dB partials of one block of rows
     let block_partials = |rows: Range<usize>| {
+        let x = x.slice(s![rows.clone(), ..]);
         let mut gb = Array2::zeros((rows.len(), ranks)); // dy B of every branch, side by side
         let mut first = 0;
         let mut dbs = Vec::with_capacity(loras.len());
@@ -309,23 +312,28 @@ pub(crate) fn backward_shared<T: Scalar>(
             let xa = cache.xa.as_ref().expect("the forward pass keeps x Aᵀ when there is a LoRA branch");
             let xa = xa.slice(s![rows.clone(), ..]);
             let mut db = Array2::zeros(lora.b.raw_dim());
-            for j in (0..dy.nrows()).step_by(THIN_ROWS) {
-                let sub = j..(j + THIN_ROWS).min(dy.nrows());
-                let dys = dy.slice(s![sub.clone(), ..]);
-                general_mat_mul(
-                    T::one(),
-                    &dys,
-                    &lora.b,
-                    T::one(),
-                    &mut gb.slice_mut(s![sub.clone(), first..first + r]),
-                );
-                general_mat_mul(lora.scale(), &dys.t(), &xa.slice(s![sub, ..]), T::one(), &mut db);
+            if thin_partials(&dy, &lora.b, &xa, &mut gb, first, &mut db) {
+                db.mapv_inplace(|v| v * lora.scale());
+            } else {
+                for j in (0..dy.nrows()).step_by(THIN_ROWS) {
+                    let sub = j..(j + THIN_ROWS).min(dy.nrows());
+                    let dys = dy.slice(s![sub.clone(), ..]);
+                    let mut gb = gb.slice_mut(s![sub.clone(), first..first + r]);
+                    general_mat_mul(T::one(), &dys, &lora.b, T::one(), &mut gb);
+                    general_mat_mul(lora.scale(), &dys.t(), &xa.slice(s![sub, ..]), T::one(), &mut db);
+                }
             }
             dbs.push(db);
             first += r;
         }
-        let mut da = Array2::zeros((ranks, x.ncols()));
-        general_mat_mul(T::one(), &gb.t(), &x.slice(s![rows, ..]), T::one(), &mut da);
+        let mut dat = Array2::zeros((x.ncols(), ranks)); // dAᵀ, for the kernel
+        let da = if thin_xt_gb(&x, &gb, &mut dat) {
+            dat.reversed_axes()
+        } else {
+            let mut da = Array2::zeros((ranks, x.ncols()));
+            general_mat_mul(T::one(), &gb.t(), &x, T::one(), &mut da);
+            da
+        };
         (da, dbs)
     };
     // a piece: the partials of its blocks, then its rows of dx, dy (W + s B A) of each branch
@@ -366,6 +374,36 @@ pub(crate) fn backward_shared<T: Scalar>(
         })
         .collect();
     (dx, grads)
+}
+
+/// gb[.., first..first + r] = dy B and db = dyᵀ xa over one block of rows with the AVX-512
+/// kernels of [`thin`], when they apply (f32, standard layouts, r a multiple of 16); `false`
+/// (nothing written) otherwise.
+fn thin_partials<T: Scalar>(
+    dy: &ArrayView2<'_, T>,
+    b: &Array2<T>,
+    xa: &ArrayView2<'_, T>,
+    gb: &mut Array2<T>,
+    first: usize,
+    db: &mut Array2<T>,
+) -> bool {
+    let (r, ld_gb) = (b.ncols(), gb.ncols());
+    let (Some(dy), Some(b), Some(xa)) = (dy.as_slice(), b.as_slice(), xa.as_slice()) else { return false };
+    let (Some(dy), Some(b), Some(xa)) = (f32s(dy), f32s(b), f32s(xa)) else { return false };
+    let (Some(gb), Some(db)) = (gb.as_slice_mut().and_then(f32s_mut), db.as_slice_mut().and_then(f32s_mut)) else {
+        return false;
+    };
+    thin::dy_b_db(dy, b, xa, r, &mut gb[first..], ld_gb, db)
+}
+
+/// dat = xᵀ gb over one block of rows with the AVX-512 kernel of [`thin`], when it applies
+/// (f32, standard layouts, the summed ranks a multiple of 16); `false` (nothing written)
+/// otherwise.
+fn thin_xt_gb<T: Scalar>(x: &ArrayView2<'_, T>, gb: &Array2<T>, dat: &mut Array2<T>) -> bool {
+    let (d_in, ranks) = (x.ncols(), gb.ncols());
+    let (Some(x), Some(gb)) = (x.as_slice().and_then(f32s), gb.as_slice().and_then(f32s)) else { return false };
+    let Some(dat) = dat.as_slice_mut().and_then(f32s_mut) else { return false };
+    thin::xt_gb(x, d_in, gb, ranks, ranks, dat)
 }
 
 /// Inverted dropout: each entry 0 with probability p, else 1 / (1 - p).

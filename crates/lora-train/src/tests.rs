@@ -221,20 +221,57 @@ fn the_pieces_of_the_products_do_not_change_the_numbers_in_f32() {
     // 300 rows are 3 blocks of 128: one piece without a pool, two (256 + 44 rows) or three
     // with 2 or 3 threads, so every product runs with other row counts per call; f32, the
     // BLAS's sgemm, with the LoRA branch merged (no dropout) and apart (dropout)
+    // (rank 16 takes the LoRA gradients through the AVX-512 kernels of `thin`, where the CPU
+    // has them)
     let config = qwen2_gqa_tied();
-    let mut model: Model<f32> = Model::from_source(config.clone(), &random_weights(&config, 9)).unwrap();
-    let mut lora = LoraConfig::new(2, 3.0, TargetModules::AllLinear);
-    lora.init = Init::Random { b_std: 0.3 };
-    model.add_lora(&lora).unwrap();
     let batch = hundred_position_batch();
-    for dropout in [0.0, 0.1] {
-        model.set_lora_dropout(dropout).unwrap();
-        let options = StepOptions { checkpointing: false, dropout_seed: 1 };
-        let run = |m: &Model<f32>| (m.loss_and_grads(&batch, options).unwrap(), m.logits(&batch).unwrap());
-        let sequential = run(&model);
-        for threads in [2, 3] {
-            let pooled = model.clone().with_parallelism(Parallelism::Threads(threads)).unwrap();
-            assert!(run(&pooled) == sequential, "{threads} threads, dropout {dropout}: other numbers");
+    for rank in [2, 16] {
+        let mut model: Model<f32> = Model::from_source(config.clone(), &random_weights(&config, 9)).unwrap();
+        let mut lora = LoraConfig::new(rank, 3.0, TargetModules::AllLinear);
+        lora.init = Init::Random { b_std: 0.3 };
+        model.add_lora(&lora).unwrap();
+        for dropout in [0.0, 0.1] {
+            model.set_lora_dropout(dropout).unwrap();
+            let options = StepOptions { checkpointing: false, dropout_seed: 1 };
+            let run = |m: &Model<f32>| (m.loss_and_grads(&batch, options).unwrap(), m.logits(&batch).unwrap());
+            let sequential = run(&model);
+            for threads in [2, 3] {
+                let pooled = model.clone().with_parallelism(Parallelism::Threads(threads)).unwrap();
+                assert!(run(&pooled) == sequential, "rank {rank}, {threads} threads, dropout {dropout}: other numbers");
+            }
+        }
+    }
+}
+
+#[test]
+fn rank_16_gradients_through_the_thin_kernels_equal_f64s() {
+    // r = 16 in f32: the LoRA factors' gradients go through the AVX-512 kernels of `thin` where
+    // the CPU has them (f64 always takes BLAS); 300 rows make blocks of 128 and 44 rows, so the
+    // kernels also run their row remainders
+    let config = qwen2_gqa_tied();
+    let mut lora = LoraConfig::new(16, 32.0, TargetModules::AllLinear);
+    lora.init = Init::Random { b_std: 0.3 };
+    let m32: Model<f32> = Model::from_source(config.clone(), &random_weights(&config, 11)).unwrap();
+    let mut m32 = m32.with_parallelism(Parallelism::Threads(2)).unwrap();
+    let mut m64 = random_model(&config, 11);
+    m32.add_lora(&lora).unwrap();
+    m64.add_lora(&lora).unwrap();
+    let batch = hundred_position_batch();
+    let calls = crate::thin::CALLS.load(std::sync::atomic::Ordering::Relaxed);
+    let (l32, g32) = m32.loss_and_grads(&batch, StepOptions::default()).unwrap();
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        assert!(crate::thin::CALLS.load(std::sync::atomic::Ordering::Relaxed) > calls, "the kernels ran");
+    }
+    let (l64, g64) = m64.loss_and_grads(&batch, StepOptions::default()).unwrap();
+    assert!((l32.mean() - l64.mean()).abs() < 1e-5 * l64.mean(), "loss {} against {}", l32.mean(), l64.mean());
+    assert_eq!(g32.len(), 14);
+    for (name, want) in &g64 {
+        let got = &g32[name];
+        for (got, want, factor) in [(&got.a, &want.a, "A"), (&got.b, &want.b, "B")] {
+            let top = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let err = got.iter().zip(want).fold(0f64, |m, (&g, &w)| m.max((f64::from(g) - w).abs()));
+            assert!(err <= 1e-4 * top, "{name} d{factor}: off by {err:e}, largest {top:e}");
         }
     }
 }

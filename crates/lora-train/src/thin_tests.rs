@@ -1,0 +1,99 @@
+//! The AVX-512 kernels of the LoRA factors' gradients against sums in f64, over shapes that
+//! leave row remainders, strips of columns and gaps between rows.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::thin::{dy_b_db, xt_gb};
+
+fn random(n: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// |got - want| within 1e-5 of the sum of the terms' magnitudes (f32 rounding over 1000 terms).
+fn close(got: f32, want: f64, scale: f64, what: &str) {
+    assert!((f64::from(got) - want).abs() <= 1e-5 * scale + 1e-30, "{what}: {got} against {want}");
+}
+
+#[test]
+fn dy_b_and_db_equal_their_sums() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    // (rows, d_out, r, gb's row length, gb's first column)
+    for (rows, d_out, r, ld, first) in
+        [(19, 37, 16, 16, 0), (8, 5, 16, 40, 24), (13, 70, 32, 48, 16), (11, 9, 48, 48, 0), (7, 33, 64, 80, 16)]
+    {
+        let (dy, b, xa) = (random(rows * d_out, &mut rng), random(d_out * r, &mut rng), random(rows * r, &mut rng));
+        let gb0 = random(rows * ld, &mut rng);
+        let db0 = random(d_out * r, &mut rng);
+        let (mut gb, mut db) = (gb0.clone(), db0.clone());
+        let applied = dy_b_db(&dy, &b, &xa, r, &mut gb[first..], ld, &mut db);
+        assert_eq!(applied, has_avx512(), "applies exactly where AVX-512 is");
+        if !applied {
+            assert!(gb == gb0 && db == db0, "nothing written when the kernel does not apply");
+            continue;
+        }
+        let what = format!("rows {rows}, d_out {d_out}, r {r}");
+        for i in 0..rows {
+            for c in 0..ld {
+                let got = gb[i * ld + c];
+                if !(first..first + r).contains(&c) {
+                    assert_eq!(got, gb0[i * ld + c], "{what}: gb outside the branch's columns");
+                    continue;
+                }
+                let terms = (0..d_out).map(|j| f64::from(dy[i * d_out + j]) * f64::from(b[j * r + c - first]));
+                let scale: f64 = terms.clone().map(f64::abs).sum();
+                close(got, terms.sum(), scale, &format!("{what}: gb[{i}, {c}]"));
+            }
+        }
+        for j in 0..d_out {
+            for c in 0..r {
+                let terms = (0..rows).map(|i| f64::from(dy[i * d_out + j]) * f64::from(xa[i * r + c]));
+                let scale: f64 = terms.clone().map(f64::abs).sum::<f64>() + f64::from(db0[j * r + c]).abs();
+                let want = f64::from(db0[j * r + c]) + terms.sum::<f64>();
+                close(db[j * r + c], want, scale, &format!("{what}: db[{j}, {c}]"));
+            }
+        }
+    }
+}
+
+#[test]
+fn xt_gb_equals_its_sums() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    // (rows, d_in, ranks, gb's row length): ranks of 1 to 6 registers (strips of 4, then the rest)
+    for (rows, d_in, ranks, ld) in
+        [(19, 37, 16, 16), (9, 5, 32, 48), (13, 20, 48, 48), (5, 17, 64, 64), (23, 11, 96, 112)]
+    {
+        let (x, gb) = (random(rows * d_in, &mut rng), random(rows * ld, &mut rng));
+        let dat0 = random(d_in * ranks, &mut rng);
+        let mut dat = dat0.clone();
+        let applied = xt_gb(&x, d_in, &gb, ranks, ld, &mut dat);
+        assert_eq!(applied, has_avx512(), "applies exactly where AVX-512 is");
+        if !applied {
+            assert!(dat == dat0, "nothing written when the kernel does not apply");
+            continue;
+        }
+        for k in 0..d_in {
+            for c in 0..ranks {
+                let terms = (0..rows).map(|i| f64::from(x[i * d_in + k]) * f64::from(gb[i * ld + c]));
+                let scale: f64 = terms.clone().map(f64::abs).sum::<f64>() + f64::from(dat0[k * ranks + c]).abs();
+                let want = f64::from(dat0[k * ranks + c]) + terms.sum::<f64>();
+                close(dat[k * ranks + c], want, scale, &format!("rows {rows}, ranks {ranks}: dAᵀ[{k}, {c}]"));
+            }
+        }
+    }
+}
+
+#[test]
+fn ranks_that_are_not_whole_registers_are_left_to_blas() {
+    let (mut gb, mut db, mut dat) = (vec![0f32; 3 * 8], vec![0f32; 4 * 8], vec![0f32; 4 * 8]);
+    assert!(!dy_b_db(&[1.0; 12], &[1.0; 32], &[1.0; 24], 8, &mut gb, 8, &mut db));
+    assert!(!xt_gb(&[1.0; 12], 4, &[1.0; 24], 8, 8, &mut dat));
+    assert!(gb.iter().chain(&db).chain(&dat).all(|&v| v == 0.0), "nothing written");
+}
