@@ -519,10 +519,18 @@ impl<T: Scalar> Model<T> {
         logits
     }
 
-    /// Final norm, output head and cross-entropy, one piece of rows at a time, so the (rows,
-    /// vocab) logits are never held whole (64 MiB on the issue-6 bench config, fresh pages
-    /// every step): the summed loss and, with `grad` (the scale of the loss's gradient, 1 /
-    /// predictions for the mean), the gradient of the final norm's input.
+    /// Final norm, output head and cross-entropy, one block of rows ([`chunk_rows`]) at a time,
+    /// so the (rows, vocab) logits are never held whole: the summed loss and, with `grad` (the
+    /// scale of the loss's gradient, 1 / predictions for the mean), the gradient of the final
+    /// norm's input.
+    ///
+    /// Each thread reuses one block's buffer: 16 MiB on the issue-6 bench config, under glibc's
+    /// largest mmap threshold (32 MiB), so it comes from the heap and is kept. A whole piece's
+    /// logits (32 MiB at 2 threads, 64 at 1) were mapped fresh every step, and calloc's
+    /// untouched pages were first read by the product (the zero page), then copied on write,
+    /// each copy a TLB shootdown. Measured (docs/benchmarks.md, "Session 8"): one thread, 5%
+    /// less CPU per step; two threads, no change in wall time (the head's weight is now packed
+    /// once per block instead of once per piece, which takes back what the faults cost).
     fn head_loss(&self, h: &Array2<T>, batch: &Batch, grad: Option<T>) -> (Loss, Option<Array2<T>>) {
         let (xf, rstd) = ops::rms_norm(h, &self.norm, self.config.rms_norm_eps, &self.par);
         let targets = batch.targets();
@@ -531,22 +539,26 @@ impl<T: Scalar> Model<T> {
         let mut dxf = self.par.zeros(h.nrows(), if grad.is_some() { h.ncols() } else { 0 });
         let block = chunk_rows(h.nrows());
         let parts = self.par.row_chunks_map(&mut dxf, |first, mut dx| {
-            let rows = first..first + dx.nrows();
-            let mut logits = Array2::zeros((rows.len(), self.config.vocab_size));
-            general_mat_mul(T::one(), &xf.slice(s![rows.clone(), ..]), &w.t(), T::one(), &mut logits);
-            // the loss block by block: its sum does not depend on the pieces
-            let parts: Vec<_> = (0..rows.len())
-                .step_by(block)
-                .map(|b| {
-                    let sub = b..(b + block).min(rows.len());
-                    let targets = targets.slice(s![first + sub.start..first + sub.end]);
-                    ops::cross_entropy_rows(&mut logits.slice_mut(s![sub, ..]), targets, grad)
+            // block by block (the loss's sum then does not depend on the pieces), in one buffer
+            let mut buffer = Array2::zeros((block.min(dx.nrows()), self.config.vocab_size));
+            let blocks = (0..dx.nrows()).step_by(block).map(|b| b..(b + block).min(dx.nrows()));
+            let blocks: Vec<_> = blocks.collect();
+            blocks
+                .into_iter()
+                .map(|sub| {
+                    let mut logits = buffer.slice_mut(s![..sub.len(), ..]);
+                    if sub.start > 0 {
+                        logits.fill(T::zero());
+                    }
+                    let rows = first + sub.start..first + sub.end;
+                    general_mat_mul(T::one(), &xf.slice(s![rows.clone(), ..]), &w.t(), T::one(), &mut logits);
+                    let part = ops::cross_entropy_rows(&mut logits, targets.slice(s![rows]), grad);
+                    if grad.is_some() {
+                        general_mat_mul(T::one(), &logits, w, T::one(), &mut dx.slice_mut(s![sub, ..]));
+                    }
+                    part
                 })
-                .collect();
-            if grad.is_some() {
-                general_mat_mul(T::one(), &logits, w, T::one(), &mut dx);
-            }
-            parts
+                .collect::<Vec<_>>()
         });
         let loss = parts
             .into_iter()
