@@ -355,6 +355,11 @@ pub(crate) fn gemm<T: Scalar>(par: &Par, alpha: T, a: &ArrayRef2<T>, b: &ArrayRe
     });
 }
 
+/// Bytes of heap address space [`retain_freed_memory`] marks for huge pages (address space
+/// only: pages are taken when first written). The bench config's step peaks at 0.9 GB; past
+/// this the heap grows on 4 KiB pages as before.
+const HUGE_PAGE_HEAP: usize = 1536 << 20;
+
 /// Ask the C allocator to keep freed memory for reuse instead of returning it to the system.
 ///
 /// A training step allocates and frees activations of several MiB to tens of MiB many times.
@@ -370,17 +375,39 @@ pub(crate) fn gemm<T: Scalar>(par: &Par, alpha: T, a: &ArrayRef2<T>, b: &ArrayRe
 /// bench config's step fell from 1.075 to 0.876 GB, its time unchanged (docs/benchmarks.md,
 /// "Session 8"): the step allocates few, large blocks, so the arena's lock is not contended.
 ///
+/// And the heap asks for transparent huge pages: its first [`HUGE_PAGE_HEAP`] bytes of address
+/// space (grown once, untouched, so no memory is taken) are marked `MADV_HUGEPAGE`, which
+/// transparent huge pages set to `madvise` (as on the machines measured) require. The activations then sit on 2 MiB pages
+/// and the products' packing and the row passes stop missing the TLB on every 4 KiB: 2.6% less
+/// wall time and 1.8-3.3% less CPU per bench-config step, peak memory unchanged (what glibc's
+/// `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` gives, without the environment variable). The heap
+/// is never trimmed, so those pages are kept for reuse.
+///
 /// This changes a process-wide setting, so the library never calls it on its own: the `lora`
 /// binary and the benches do, at start-up. A no-op outside Linux with glibc.
-#[allow(unsafe_code)] // mallopt: the one call into C here
+#[allow(unsafe_code)] // mallopt, malloc, madvise and free: the calls into C here
 pub fn retain_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; it is called before any worker thread
-    // exists in the binaries that use it, and glibc serialises it with its own lock anyway.
+    // exists in the binaries that use it, and glibc serialises it with its own lock anyway. The
+    // block is checked for null, madvised only inside its own bounds (advice that changes how
+    // pages are served, not what they hold; an error leaves it as it was) and freed once.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
         libc::mallopt(libc::M_ARENA_MAX, 1);
+        // one block from the heap (not a mapping of its own), marked for huge pages, then handed
+        // back: it stays the heap's free top (never trimmed), and later blocks are cut from it
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        let block = libc::malloc(HUGE_PAGE_HEAP);
+        libc::mallopt(libc::M_MMAP_MAX, 65536);
+        if !block.is_null() {
+            const HUGE: usize = 2 << 20;
+            let first = (block as usize).next_multiple_of(HUGE);
+            let end = (block as usize + HUGE_PAGE_HEAP) / HUGE * HUGE;
+            libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE);
+            libc::free(block);
+        }
     }
 }
