@@ -59,6 +59,10 @@ fn main() {
     let cli = Cli::parse();
     // training and merging free and re-take blocks of many MiB; keep them (see the function)
     lora_train::retain_freed_memory();
+    if matches!(cli.command, Command::Train(_) | Command::Eval(_)) {
+        // long runs that reuse their memory; a short command would pay for whole huge pages
+        lora_train::prefer_huge_pages();
+    }
     let result: Result<()> = match &cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Extract(args) => extract::run(args, cli.quiet),

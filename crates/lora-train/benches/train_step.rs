@@ -47,6 +47,7 @@ const CASES: [Case; 2] = [
 
 fn bench(c: &mut Criterion) {
     lora_train::retain_freed_memory();
+    lora_train::prefer_huge_pages();
     let threads = std::env::var("LORA_BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     let small = std::env::var("LORA_BENCH_SMALL").is_ok_and(|v| !v.is_empty() && v != "0");
     let only = if small { Some("tiny".to_string()) } else { std::env::var("LORA_BENCH_ONLY").ok() };

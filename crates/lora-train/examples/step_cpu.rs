@@ -36,6 +36,7 @@ fn cpu() -> f64 {
 
 fn main() {
     lora_train::retain_freed_memory();
+    lora_train::prefer_huge_pages();
     let cfg = r#"{"model_type": "llama", "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
             "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 8192}"#;
     let config = ModelConfig::from_json(cfg, "bench").unwrap();

@@ -115,7 +115,7 @@ pub use linear::LoraGrad;
 pub use lora::{LoraConfig, LoraParamsMut};
 pub use model::{Batch, LoraGrads, Loss, Model, Proj, StepOptions, IGNORE_INDEX};
 pub use optim::{AdamW, AdamWConfig, Schedule};
-pub use parallel::{retain_freed_memory, Parallelism};
+pub use parallel::{prefer_huge_pages, retain_freed_memory, Parallelism};
 pub use trainer::{
     evaluate_blocks, latest_checkpoint, load_model, train, StepReport, TrainConfig, TrainLength, TrainSummary, Trainer,
     OPTIMIZER_FILE, TRAINER_STATE_FILE,

@@ -355,7 +355,7 @@ pub(crate) fn gemm<T: Scalar>(par: &Par, alpha: T, a: &ArrayRef2<T>, b: &ArrayRe
     });
 }
 
-/// Bytes of heap address space [`retain_freed_memory`] marks for huge pages (address space
+/// Bytes of heap address space [`prefer_huge_pages`] marks for huge pages (address space
 /// only: pages are taken when first written). The bench config's step peaks at 0.9 GB; past
 /// this the heap grows on 4 KiB pages as before.
 const HUGE_PAGE_HEAP: usize = 1536 << 20;
@@ -375,28 +375,45 @@ const HUGE_PAGE_HEAP: usize = 1536 << 20;
 /// bench config's step fell from 1.075 to 0.876 GB, its time unchanged (docs/benchmarks.md,
 /// "Session 8"): the step allocates few, large blocks, so the arena's lock is not contended.
 ///
-/// And the heap asks for transparent huge pages: its first [`HUGE_PAGE_HEAP`] bytes of address
-/// space (grown once, untouched, so no memory is taken) are marked `MADV_HUGEPAGE`, which
-/// transparent huge pages set to `madvise` (as on the machines measured) require. The activations then sit on 2 MiB pages
-/// and the products' packing and the row passes stop missing the TLB on every 4 KiB: 2.6% less
-/// wall time and 1.8-3.3% less CPU per bench-config step, peak memory unchanged (what glibc's
-/// `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` gives, without the environment variable). The heap
-/// is never trimmed, so those pages are kept for reuse.
-///
 /// This changes a process-wide setting, so the library never calls it on its own: the `lora`
 /// binary and the benches do, at start-up. A no-op outside Linux with glibc.
-#[allow(unsafe_code)] // mallopt, malloc, madvise and free: the calls into C here
+#[allow(unsafe_code)] // mallopt: a call into C
 pub fn retain_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; it is called before any worker thread
-    // exists in the binaries that use it, and glibc serialises it with its own lock anyway. The
-    // block is checked for null, madvised only inside its own bounds (advice that changes how
-    // pages are served, not what they hold; an error leaves it as it was) and freed once.
+    // exists in the binaries that use it, and glibc serialises it with its own lock anyway.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
         libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// Ask for transparent huge pages for the heap: its first [`HUGE_PAGE_HEAP`] bytes of address
+/// space (grown once, untouched, so no memory is taken) are marked `MADV_HUGEPAGE`, which
+/// transparent huge pages set to `madvise` (as on the machines measured) require. Call it after
+/// [`retain_freed_memory`] (which keeps the heap from being trimmed), before loading a model.
+///
+/// A training step's activations then sit on 2 MiB pages, and the products' packing and the row
+/// passes stop missing the TLB on every 4 KiB: 2.6% less wall time and 1.8-3.3% less CPU per
+/// issue-6 bench-config step, peak memory unchanged (what glibc's
+/// `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` gives, without the environment variable). It pays in
+/// processes that reuse their memory, such as training and evaluation. A short command that
+/// writes its memory once gains nothing and pays for clearing (and, with memory fragmented,
+/// compacting) whole huge pages: `lora merge` of a 642 MiB model, six interleaved runs, median
+/// 0.84 s with it against 0.80 s without (docs/benchmarks.md, "Session 8"). The `lora` binary
+/// calls it for `train` and `eval` only.
+///
+/// A process-wide setting, so the library never calls it on its own. A no-op outside Linux with
+/// glibc.
+#[allow(unsafe_code)] // mallopt, malloc, madvise and free
+pub fn prefer_huge_pages() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters (glibc serialises it with its own lock). The
+    // block is checked for null, madvised only inside its own bounds (advice that changes how
+    // pages are served, not what they hold; an error leaves it as it was) and freed once.
+    unsafe {
         // one block from the heap (not a mapping of its own), marked for huge pages, then handed
         // back: it stays the heap's free top (never trimmed), and later blocks are cut from it
         libc::mallopt(libc::M_MMAP_MAX, 0);
