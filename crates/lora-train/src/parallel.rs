@@ -390,7 +390,7 @@ pub fn retain_freed_memory() {
     }
 }
 
-/// Ask for transparent huge pages for the heap: its first [`HUGE_PAGE_HEAP`] bytes of address
+/// Ask for transparent huge pages for the heap: its first 1.5 GiB of address
 /// space (grown once, untouched, so no memory is taken) are marked `MADV_HUGEPAGE`, which
 /// transparent huge pages set to `madvise` (as on the machines measured) require. Call it after
 /// [`retain_freed_memory`] (which keeps the heap from being trimmed), before loading a model.
