@@ -59,6 +59,15 @@ mod kernel {
 
     use super::LANES;
 
+    /// `f(first, true)` for each run of `r` rows of `rows`, then `f(first, false)` for each row
+    /// left over.
+    #[inline(always)]
+    fn runs(rows: usize, r: usize, mut f: impl FnMut(usize, bool)) {
+        let whole = rows / r * r;
+        (0..whole).step_by(r).for_each(|i| f(i, true));
+        (whole..rows).for_each(|i| f(i, false));
+    }
+
     fn avx512() -> bool {
         std::arch::is_x86_feature_detected!("avx512f")
     }
@@ -123,15 +132,10 @@ mod kernel {
         ld_gb: usize,
         db: &mut [f32],
     ) {
-        let mut i = 0;
-        while i + R <= rows {
-            dy_b_db_rows::<W, R>(dy, b, xa, i, d_out, gb, ld_gb, db);
-            i += R;
-        }
-        while i < rows {
-            dy_b_db_rows::<W, 1>(dy, b, xa, i, d_out, gb, ld_gb, db);
-            i += 1;
-        }
+        runs(rows, R, |i, whole| match whole {
+            true => dy_b_db_rows::<W, R>(dy, b, xa, i, d_out, gb, ld_gb, db),
+            false => dy_b_db_rows::<W, 1>(dy, b, xa, i, d_out, gb, ld_gb, db),
+        });
     }
 
     /// Rows `first..first + R` of [`dy_b_db_w`]: their rows of gb, and their terms of every row
@@ -226,15 +230,10 @@ mod kernel {
         ranks: usize,
         dat: &mut [f32],
     ) {
-        let mut i = 0;
-        while i + R <= rows {
-            xt_gb_rows::<W, R>(x, d_in, i, gb, ld_gb, c, ranks, dat);
-            i += R;
-        }
-        while i < rows {
-            xt_gb_rows::<W, 1>(x, d_in, i, gb, ld_gb, c, ranks, dat);
-            i += 1;
-        }
+        runs(rows, R, |i, whole| match whole {
+            true => xt_gb_rows::<W, R>(x, d_in, i, gb, ld_gb, c, ranks, dat),
+            false => xt_gb_rows::<W, 1>(x, d_in, i, gb, ld_gb, c, ranks, dat),
+        });
     }
 
     /// Rows `first..first + R` of x into every row of dAᵀ, columns `c..c + 16 W`.
