@@ -540,12 +540,12 @@ impl<T: Scalar> Model<T> {
         let block = chunk_rows(h.nrows());
         let parts = self.par.row_chunks_map(&mut dxf, |first, mut dx| {
             // block by block (the loss's sum then does not depend on the pieces), in one buffer
-            let mut buffer = Array2::zeros((block.min(dx.nrows()), self.config.vocab_size));
-            let blocks = (0..dx.nrows()).step_by(block).map(|b| b..(b + block).min(dx.nrows()));
-            let blocks: Vec<_> = blocks.collect();
-            blocks
-                .into_iter()
-                .map(|sub| {
+            let n = dx.nrows();
+            let mut buffer = Array2::zeros((block.min(n), self.config.vocab_size));
+            (0..n)
+                .step_by(block)
+                .map(|b| {
+                    let sub = b..(b + block).min(n);
                     let mut logits = buffer.slice_mut(s![..sub.len(), ..]);
                     if sub.start > 0 {
                         logits.fill(T::zero());

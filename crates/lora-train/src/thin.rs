@@ -6,8 +6,9 @@
 //! training step reads from memory, and BLAS copies (packs) that operand before multiplying it.
 //! These kernels read dy and x where they lie, a few rows at a time, with those rows' numbers
 //! of x Aᵀ (or gb) in registers, and read dy once for both of its products. On the issue-6
-//! bench config the products took 100 ms of CPU per training step through BLAS and 78-91 ms
-//! here: the step about 1.3% less CPU (docs/benchmarks.md, "Session 8"). Every sum runs in a
+//! bench config a scratch timer put these products at 100.6 ms of CPU per training step
+//! through BLAS and 91 ms through a first version of the kernels; the final ones took the step
+//! 1.7-2.1% less CPU in concurrent pairs (docs/benchmarks.md, "Session 8"). Every sum runs in a
 //! fixed order (the rows of the block in order, in two interleaved partial sums), so the
 //! results do not depend on the thread count.
 //!
