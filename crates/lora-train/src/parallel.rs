@@ -15,11 +15,15 @@ use crate::error::{Error, Result};
 ///
 /// With a pool, attention runs in parallel across (sequence, head) pairs, and every large
 /// product and elementwise pass across pieces of rows (sequences x positions), one per thread,
-/// each piece one `general_mat_mul` (a CBLAS when the final binary links one). Results do not
-/// depend on the thread count: sums over rows (the loss, LoRA gradients) go over blocks of rows
-/// that depend on the row count alone, combined in row order, and the BLAS computes each row of
-/// a product the same way whatever other rows share the call. OpenBLAS does (the tests check
-/// it); oneMKL promises it only in its reproducible mode (`MKL_CBWR`).
+/// each piece one `general_mat_mul` (a CBLAS when the final binary links one). A given thread
+/// count gives the same numbers run after run. Other thread counts give the same numbers where
+/// the BLAS computes each row of a product the same way whatever other rows share the call, and
+/// numbers that differ by f32 rounding elsewhere: sums over rows (the loss, LoRA gradients) go
+/// over blocks of rows that depend on the row count alone, combined in row order, but the
+/// pieces of a product depend on the thread count. OpenBLAS's SkylakeX kernels (AVX-512)
+/// compute rows independently; its Haswell kernels, which it also runs on AMD Zen 2 and 3, do
+/// not (the tests check whichever the machine has); oneMKL does only in its reproducible mode
+/// (`MKL_CBWR`).
 ///
 /// A multi-threaded BLAS under a rayon pool oversubscribes the cores (measured: 3.5x slower on
 /// 2 cores); run OpenBLAS single-threaded (`OPENBLAS_NUM_THREADS=1`) with
@@ -51,10 +55,10 @@ pub(crate) struct Par {
 /// Every piece of a product is one BLAS call, which packs all of the other operand (a weight)
 /// again, so one piece per thread packs it the fewest times: on the issue-6 bench config (2048
 /// rows, blocks of 512, 2 threads) pieces of two blocks took 3.5% less CPU time per training
-/// step than pieces of one (docs/benchmarks.md). The numbers do not depend on the pieces: BLAS
-/// computes each row of a product the same way whatever other rows share the call (checked bit
-/// for bit by `the_pieces_of_the_products_do_not_change_the_numbers_in_f32`), and sums over
-/// rows (LoRA gradients, the loss) go block by block, in row order.
+/// step than pieces of one (docs/benchmarks.md). Sums over rows (LoRA gradients, the loss) go
+/// block by block, in row order, whatever the pieces; the products' rows are the same bit for
+/// bit only where the BLAS computes a row whatever other rows share the call (see
+/// [`Parallelism`]; checked by `the_thread_count_changes_f32_numbers_by_the_blas_rounding_at_most`).
 pub(crate) fn pieces(rows: usize, threads: usize) -> Vec<std::ops::Range<usize>> {
     let block = chunk_rows(rows);
     let blocks = rows.div_ceil(block);
@@ -337,7 +341,7 @@ const PARALLEL_FILL: usize = 1 << 16;
 /// Rows per block of a matrix of `rows` rows: about a quarter of them (enough blocks to share
 /// among a few threads), in multiples of 64, from 128 to 1024. The [`pieces`] of parallel work
 /// are whole blocks, and sums over rows go block by block: a function of `rows` alone, so the
-/// sums, and the results, are the same whatever the thread count.
+/// sums are the same whatever the thread count.
 ///
 /// Blocks of 256 rows instead of 128 took about 10% less CPU time per training step on the
 /// issue-6 bench config (2048 rows) when each block was a piece of its own, and blocks of 512
