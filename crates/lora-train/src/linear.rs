@@ -274,7 +274,7 @@ const THIN_ROWS: usize = 128;
 /// When each has a LoRA branch run without a dropout mask, everything runs in one parallel pass
 /// over the [`crate::parallel::pieces`] of the rows. For each block ([`chunk_rows`] rows) of a
 /// piece: for each branch dy B and its dB partial s dyᵀ (x Aᵀ), in one pass over dy with the
-/// SIMD kernels of [`thin`] where they apply, else by [`THIN_ROWS`] rows (dy's rows come from
+/// AVX-512 kernels of [`thin`] where they apply, else by [`THIN_ROWS`] rows (dy's rows come from
 /// cache for the second product instead of from memory), then the dA partial of every branch at
 /// once, (dy B)ᵀ x with the dy B side by side. Then the piece's rows of the input
 /// gradient, dy (W + s B A) of each branch. Both threads stay busy to the end (as thin products
@@ -376,7 +376,7 @@ pub(crate) fn backward_shared<T: Scalar>(
     (dx, grads)
 }
 
-/// gb[.., first..first + r] = dy B and db = dyᵀ xa over one block of rows with the SIMD
+/// gb[.., first..first + r] = dy B and db = dyᵀ xa over one block of rows with the AVX-512
 /// kernels of [`thin`], when they apply (f32, standard layouts, r a multiple of 16); `false`
 /// (nothing written) otherwise.
 fn thin_partials<T: Scalar>(
@@ -396,7 +396,7 @@ fn thin_partials<T: Scalar>(
     thin::dy_b_db(dy, b, xa, r, &mut gb[first..], ld_gb, db)
 }
 
-/// dat = xᵀ gb over one block of rows with the SIMD kernel of [`thin`], when it applies
+/// dat = xᵀ gb over one block of rows with the AVX-512 kernel of [`thin`], when it applies
 /// (f32, standard layouts, the summed ranks a multiple of 16); `false` (nothing written)
 /// otherwise.
 fn thin_xt_gb<T: Scalar>(x: &ArrayView2<'_, T>, gb: &Array2<T>, dat: &mut Array2<T>) -> bool {

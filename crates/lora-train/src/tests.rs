@@ -244,7 +244,7 @@ fn the_thread_count_changes_f32_numbers_by_the_blas_rounding_at_most() {
     // 300 rows are 3 blocks of 128: one piece without a pool, two (256 + 44 rows) or three
     // with 2 or 3 threads, so every product runs with other row counts per call; f32, the
     // BLAS's sgemm, with the LoRA branch merged (no dropout) and apart (dropout); rank 16 takes
-    // the LoRA gradients through the SIMD kernels of `thin` where the CPU has them. A pool
+    // the LoRA gradients through the AVX-512 kernels of `thin` where the CPU has them. A pool
     // gives the same numbers run after run; pools of other sizes give the same numbers where
     // the BLAS computes a row whatever other rows share the call, and otherwise differ by f32
     // rounding only
@@ -286,8 +286,8 @@ fn the_thread_count_changes_f32_numbers_by_the_blas_rounding_at_most() {
 
 #[test]
 fn rank_16_gradients_through_the_thin_kernels_equal_f64s() {
-    // r = 16 in f32: the LoRA factors' gradients go through the SIMD kernels of `thin` where
-    // the CPU has AVX-512 or AVX2 (f64 always takes BLAS); 300 rows make blocks of 128 and 44 rows, so the
+    // r = 16 in f32: the LoRA factors' gradients go through the AVX-512 kernels of `thin` where
+    // the CPU has them (f64 always takes BLAS); 300 rows make blocks of 128 and 44 rows, so the
     // kernels also run their row remainders
     let config = qwen2_gqa_tied();
     let mut lora = LoraConfig::new(16, 32.0, TargetModules::AllLinear);
@@ -300,7 +300,7 @@ fn rank_16_gradients_through_the_thin_kernels_equal_f64s() {
     let batch = hundred_position_batch();
     let calls = crate::thin::CALLS.load(std::sync::atomic::Ordering::Relaxed);
     let (l32, g32) = m32.loss_and_grads(&batch, StepOptions::default()).unwrap();
-    if !crate::thin::Isa::available().is_empty() {
+    if crate::thin::Isa::best().is_some() {
         assert!(crate::thin::CALLS.load(std::sync::atomic::Ordering::Relaxed) > calls, "the kernels ran");
     }
     let (l64, g64) = m64.loss_and_grads(&batch, StepOptions::default()).unwrap();

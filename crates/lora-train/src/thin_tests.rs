@@ -1,6 +1,7 @@
 //! The SIMD kernels of the LoRA factors' gradients against sums in f64, over shapes that leave
-//! row remainders, strips of columns and gaps between rows: the kernel of every instruction set
-//! the CPU has.
+//! row remainders, strips of columns, several tiles and gaps between rows: the kernel of every
+//! instruction set the CPU has (the AVX2 build, compiled for the tests, checks the same code on
+//! CPUs without AVX-512).
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -28,7 +29,7 @@ fn close(got: f32, want: f64, scale: f64, what: &str) {
 fn dy_b_and_db_equal_their_sums() {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let isas = Isa::available();
-    // (rows, d_out, r, gb's row length, gb's first column)
+    // (rows, d_out, r, gb's row length, gb's first column): d_out over several tiles in the last two
     for (rows, d_out, r, ld, first) in [
         (19, 37, 16, 16, 0),
         (8, 5, 16, 40, 24),
@@ -37,6 +38,8 @@ fn dy_b_and_db_equal_their_sums() {
         (7, 33, 64, 80, 16),
         (10, 21, 8, 8, 0),
         (9, 14, 24, 40, 8),
+        (6, 300, 16, 16, 0),
+        (5, 200, 32, 40, 8),
     ] {
         let (dy, b, xa) = (random(rows * d_out, &mut rng), random(d_out * r, &mut rng), random(rows * r, &mut rng));
         let gb0 = random(rows * ld, &mut rng);
@@ -44,7 +47,7 @@ fn dy_b_and_db_equal_their_sums() {
         let fits = |isa: Isa| r % lanes(isa) == 0 && r / lanes(isa) <= 4;
         let (mut gb, mut db) = (gb0.clone(), db0.clone());
         let applied = dy_b_db(&dy, &b, &xa, r, &mut gb[first..], ld, &mut db);
-        assert_eq!(applied, isas.first().is_some_and(|&isa| fits(isa)), "the best kernel runs where it fits");
+        assert_eq!(applied, Isa::best().is_some_and(fits), "the step's kernel runs where it fits");
         for &isa in &isas {
             let (mut gb, mut db) = (gb0.clone(), db0.clone());
             let applied = dy_b_db_on(isa, &dy, &b, &xa, r, &mut gb[first..], ld, &mut db);
@@ -82,18 +85,26 @@ fn dy_b_and_db_equal_their_sums() {
 fn xt_gb_equals_its_sums() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     let isas = Isa::available();
-    // (rows, d_in, ranks, gb's row length): ranks of 1 to 12 registers (strips, then the rest)
-    for (rows, d_in, ranks, ld) in
-        [(19, 37, 16, 16), (9, 5, 32, 48), (13, 20, 48, 48), (5, 17, 64, 64), (23, 11, 96, 112), (17, 6, 24, 32)]
-    {
+    // (rows, d_in, ranks, gb's row length): ranks of 1 to 12 registers (strips, then the rest),
+    // d_in over several tiles
+    for (rows, d_in, ranks, ld) in [
+        (19, 37, 16, 16),
+        (9, 5, 32, 48),
+        (13, 20, 48, 48),
+        (5, 17, 64, 64),
+        (23, 11, 96, 112),
+        (17, 6, 24, 32),
+        (7, 300, 16, 16),
+        (9, 150, 32, 48),
+    ] {
         let (x, gb) = (random(rows * d_in, &mut rng), random(rows * ld, &mut rng));
         let dat0 = random(d_in * ranks, &mut rng);
         let mut dat = dat0.clone();
         let applied = xt_gb(&x, d_in, &gb, ranks, ld, &mut dat);
         assert_eq!(
             applied,
-            isas.first().is_some_and(|&isa| ranks % lanes(isa) == 0),
-            "the best kernel runs where it fits"
+            Isa::best().is_some_and(|isa| ranks % lanes(isa) == 0),
+            "the step's kernel runs where it fits"
         );
         for &isa in &isas {
             let mut dat = dat0.clone();
