@@ -20,7 +20,7 @@
 //! 4 for dB), on a CPU with AVX-512; elsewhere the functions return `false` and the caller uses
 //! BLAS. The same code is also compiled for AVX2 with FMA (registers of 8 f32), for the tests
 //! only: on an AMD Zen 3 host (AVX2, no AVX-512) that build took the training step 1% more CPU
-//! than OpenBLAS's products (3.4% more before the tiles), so the step uses BLAS there, and the
+//! than OpenBLAS's products (3.7% more before the tiles), so the step uses BLAS there, and the
 //! tests run the kernels' code on such CPUs too.
 
 /// The instruction sets the kernels are compiled for.
@@ -39,12 +39,13 @@ impl Isa {
     #[cfg(test)]
     const ALL: [Isa; 2] = [Isa::Avx512, Isa::Avx2];
 
-    /// Whether this CPU has the instruction set.
-    fn detected(self) -> bool {
+    /// Whether this CPU has the instruction set (the kernels check it themselves before they
+    /// run; the tests ask it to know what to expect).
+    #[cfg(test)]
+    pub(crate) fn detected(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         return match self {
             Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
-            #[cfg(test)]
             Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
         };
         #[cfg(not(target_arch = "x86_64"))]
@@ -55,11 +56,6 @@ impl Isa {
     #[cfg(test)]
     pub(crate) fn available() -> Vec<Isa> {
         Isa::ALL.into_iter().filter(|isa| isa.detected()).collect()
-    }
-
-    /// The instruction set the training step's kernels run in, if this CPU has it.
-    pub(crate) fn best() -> Option<Isa> {
-        Isa::Avx512.detected().then_some(Isa::Avx512)
     }
 }
 
@@ -75,7 +71,7 @@ pub(crate) fn dy_b_db(
     ld_gb: usize,
     db: &mut [f32],
 ) -> bool {
-    Isa::best().is_some_and(|isa| dy_b_db_on(isa, dy, b, xa, r, gb, ld_gb, db))
+    dy_b_db_on(Isa::Avx512, dy, b, xa, r, gb, ld_gb, db)
 }
 
 /// [`dy_b_db`] in the kernel of `isa` (`false` when the CPU lacks it or the rank does not fit).
@@ -100,7 +96,7 @@ pub(crate) fn dy_b_db_on(
 /// dat += xᵀ gb for `rows` rows: x (rows, d_in), gb (rows, ranks) with rows `ld_gb` apart,
 /// dat (d_in, ranks). Returns `false` (and touches nothing) when no kernel applies.
 pub(crate) fn xt_gb(x: &[f32], d_in: usize, gb: &[f32], ranks: usize, ld_gb: usize, dat: &mut [f32]) -> bool {
-    Isa::best().is_some_and(|isa| xt_gb_on(isa, x, d_in, gb, ranks, ld_gb, dat))
+    xt_gb_on(Isa::Avx512, x, d_in, gb, ranks, ld_gb, dat)
 }
 
 /// [`xt_gb`] in the kernel of `isa` (`false` when the CPU lacks it or the ranks do not fit).
