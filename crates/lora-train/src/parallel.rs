@@ -20,9 +20,9 @@ use crate::error::{Error, Result};
 /// the BLAS computes each row of a product the same way whatever other rows share the call, and
 /// numbers that differ by f32 rounding elsewhere: sums over rows (the loss, LoRA gradients) go
 /// over blocks of rows that depend on the row count alone, combined in row order, but the
-/// pieces of a product depend on the thread count. OpenBLAS's SkylakeX kernels (AVX-512)
-/// compute rows independently; its Haswell kernels, which it also runs on AMD Zen 2 and 3, do
-/// not (the tests check whichever the machine has); oneMKL does only in its reproducible mode
+/// pieces of a product depend on the thread count. OpenBLAS computed rows independently on the
+/// AVX-512 hosts tried and did not on an AMD Zen 3 host (its `Zen` core);
+/// the tests check whichever the machine does. oneMKL promises it only in its reproducible mode
 /// (`MKL_CBWR`).
 ///
 /// A multi-threaded BLAS under a rayon pool oversubscribes the cores (measured: 3.5x slower on

@@ -217,8 +217,8 @@ fn threads_give_the_same_numbers_over_many_row_chunks_and_query_blocks() {
 }
 
 /// Whether the BLAS computes each row of an f32 product the same way whatever other rows share
-/// the call. OpenBLAS's SkylakeX kernels do; its Haswell kernels (which it also runs on AMD Zen)
-/// do not: there a row's numbers depend on where the row falls in the kernel's groups of rows.
+/// the call. OpenBLAS did on the AVX-512 hosts tried; on an AMD Zen 3 host (its `Zen` core) it
+/// did not: there a row's numbers depend on which rows share the call.
 fn sgemm_rows_do_not_depend_on_the_call() -> bool {
     let a = Array2::from_shape_fn((300, 16), |(i, j)| (((i * 7 + j * 3) % 11) as f32 * 0.37).sin());
     let b = Array2::from_shape_fn((16, 24), |(i, j)| (((i * 5 + j) % 13) as f32 * 0.91).cos());
