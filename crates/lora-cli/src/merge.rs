@@ -34,7 +34,9 @@ pub struct MergeArgs {
     /// naming the file and the tensor).
     #[arg(long)]
     pub allow_nonfinite: bool,
-    /// Threads for the products (default: all cores).
+    /// Threads for reading, checking and converting tensors (default: all cores). The products
+    /// run on one BLAS thread each: at rank r they are thin, and OpenBLAS's idle threads
+    /// spin between them, taking a core from the thread that writes the output.
     #[arg(long)]
     pub threads: Option<usize>,
     #[command(flatten)]
@@ -64,7 +66,11 @@ pub fn run(args: &MergeArgs, quiet: bool) -> Result<()> {
 
 /// Do the merge; the summary is what `--json` prints.
 pub fn execute(args: &MergeArgs, quiet: bool) -> Result<serde_json::Value> {
-    set_threads(args.threads, None)?;
+    // One BLAS thread: with OpenBLAS's default of one per core, its waiting threads called
+    // sched_yield for a quarter of the samples of a merge of the issue-5 bench model, on the
+    // cores the output's writer thread and the kernel's writeback need (docs/benchmarks.md,
+    // "Session 10").
+    set_threads(args.threads, Some(1))?;
     let start = std::time::Instant::now();
     if !args.base.is_dir() {
         bail!("{}: --base must be a model folder (config.json and safetensors)", args.base.display());

@@ -555,3 +555,56 @@ fn encode_refuses_finite_values_the_dtype_cannot_hold() {
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, vec![std::ffi::OsString::from("big.safetensors")]);
 }
+
+/// Every NaN and infinity is found, at its own position and whichever piece of the scan holds
+/// it, and no finite value is taken for one: the largest finite values (the exponent one short
+/// of all ones), subnormals, negative zero.
+#[test]
+fn the_nonfinite_scan_finds_every_nan_and_infinity_and_nothing_else() {
+    fn bytes(dtype: DType, values: &[f64]) -> Vec<u8> {
+        values
+            .iter()
+            .flat_map(|&v| match dtype {
+                DType::F32 => (v as f32).to_le_bytes().to_vec(),
+                DType::F16 => half::f16::from_f64(v).to_le_bytes().to_vec(),
+                DType::BF16 => half::bf16::from_f64(v).to_le_bytes().to_vec(),
+                DType::F64 => v.to_le_bytes().to_vec(),
+            })
+            .collect()
+    }
+    for dtype in [DType::F32, DType::F16, DType::BF16, DType::F64] {
+        let (largest, tiny) = match dtype {
+            DType::F32 => (f64::from(f32::MAX), f64::from(f32::from_bits(1))),
+            DType::F16 => (f64::from(half::f16::MAX), f64::from(half::f16::from_bits(1))),
+            DType::BF16 => (f64::from(half::bf16::MAX), f64::from(half::bf16::from_bits(1))),
+            DType::F64 => (f64::MAX, f64::from_bits(1)),
+        };
+        // several 1 MiB pieces, with a partial one at the end
+        let n = (5 << 20) / dtype.size() / 2 + 3;
+        let finite: Vec<f64> = (0..n).map(|i| [largest, -largest, tiny, -0.0, 1.5][i % 5]).collect();
+        assert_eq!(first_nonfinite_raw(dtype, &bytes(dtype, &finite)), None, "{dtype:?}");
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            for at in [0, 1, 17, (1 << 20) / dtype.size() - 1, (1 << 20) / dtype.size(), n / 2, n - 1] {
+                let mut values = finite.clone();
+                values[at] = bad;
+                let found = first_nonfinite_raw(dtype, &bytes(dtype, &values));
+                let (i, v) = found.unwrap_or_else(|| panic!("{dtype:?}: {bad} at {at} not found"));
+                assert_eq!(i, at, "{dtype:?}: {bad}");
+                assert!(v.is_nan() == bad.is_nan() && (bad.is_nan() || v == bad), "{dtype:?}: {v} for {bad}");
+            }
+        }
+        // a NaN with a payload, and a signalling one, in the stored bits directly
+        let payloads: Vec<u64> = match dtype {
+            DType::F32 => vec![0x7f80_0001, 0xffc0_1234],
+            DType::F16 => vec![0x7c01, 0xfe00],
+            DType::BF16 => vec![0x7f81, 0xffc0],
+            DType::F64 => vec![0x7ff0_0000_0000_0001, 0xfff8_0000_0000_1234],
+        };
+        for bits in payloads {
+            let mut raw = bytes(dtype, &finite);
+            let at = n - 2;
+            raw[at * dtype.size()..(at + 1) * dtype.size()].copy_from_slice(&bits.to_le_bytes()[..dtype.size()]);
+            assert_eq!(first_nonfinite_raw(dtype, &raw).map(|(i, _)| i), Some(at), "{dtype:?}: {bits:#x}");
+        }
+    }
+}
