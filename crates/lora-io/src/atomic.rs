@@ -11,6 +11,8 @@
 //! per file (one being filled, the others queued or being written, then recycled): the memory in
 //! flight is bounded, whatever the size of the file. A slice of a buffer or more is written by the
 //! caller itself once the queue is empty, so a raw copy from a memory map is not copied twice.
+//! Every [`WRITEBACK_STEP`] bytes the writer asks the kernel to start writing the file to the
+//! disk ([`start_writeback`]), so that the final fsync has little left to wait for.
 //!
 //! Debug builds (never release builds) honour `LORA_IO_FAIL_AFTER_BYTES=N`: once N bytes have
 //! gone through the writers of this process, the next write fails as a full disk would. Tests use
