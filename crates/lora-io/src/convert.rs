@@ -265,46 +265,7 @@ fn plan_peft(path: &Path) -> Option<(Source, Plan)> {
         return None;
     }
     let file = SafetensorsFile::open(&weights_path).ok()?;
-    #[derive(Default)]
-    struct Parts {
-        a: Option<String>,
-        b: Option<String>,
-        ea: Option<String>,
-        eb: Option<String>,
-        m: Option<String>,
-    }
-    let mut parts: IndexMap<String, Parts> = IndexMap::new();
-    let mut saved_keys: Vec<(String, String)> = Vec::new();
-    let mts = pc.modules_to_save.clone().unwrap_or_default();
-    for key in file.names() {
-        let stripped = key.strip_prefix(PEFT_PREFIX).unwrap_or(key);
-        if key.ends_with(".lora_B.bias") {
-            return None;
-        }
-        match peft::split_key(stripped) {
-            Some((module, part)) => {
-                let p = parts.entry(module.to_string()).or_default();
-                let slot = match part {
-                    peft::Part::A => &mut p.a,
-                    peft::Part::B => &mut p.b,
-                    peft::Part::EmbA => &mut p.ea,
-                    peft::Part::EmbB => &mut p.eb,
-                    peft::Part::Magnitude => &mut p.m,
-                };
-                if slot.replace(key.to_string()).is_some() {
-                    return None;
-                }
-            }
-            None => {
-                let module = stripped.rsplit_once('.').map_or(stripped, |(m, _)| m);
-                let is_saved = mts.iter().any(|m| peft::list_matches(m, module)) || module.ends_with(".base_layer");
-                if !is_saved {
-                    return None;
-                }
-                saved_keys.push((key.to_string(), stripped.to_string()));
-            }
-        }
-    }
+    let (parts, saved_keys) = peft::group_keys(&file, &weights_path, &pc).ok()?;
     let scaling = if pc.use_rslora { Scaling::RsLora } else { Scaling::Standard };
     let stored_dtype = parts.values().find_map(|p| p.a.as_ref().or(p.ea.as_ref())).and_then(|k| file.dtype(k));
     let config = peft::adapter_config(&pc, &file, &config_text, parts.keys(), stored_dtype);

@@ -313,6 +313,70 @@ pub(crate) fn adapter_dir(path: &Path) -> PathBuf {
     }
 }
 
+/// The tensor keys of one PEFT adapter file's modules, by part.
+#[derive(Default)]
+pub(crate) struct Parts {
+    pub(crate) a: Option<String>,
+    pub(crate) b: Option<String>,
+    pub(crate) ea: Option<String>,
+    pub(crate) eb: Option<String>,
+    pub(crate) m: Option<String>,
+}
+
+/// The keys of a PEFT adapter file grouped by module, in file order, and the (key, name) pairs
+/// of the tensors saved whole (`modules_to_save`). Errors name the file and the key: a bias on
+/// lora_B, a part that appears twice, a key that is neither.
+pub(crate) fn group_keys(
+    file: &SafetensorsFile,
+    weights_path: &Path,
+    pc: &PeftConfig,
+) -> Result<(IndexMap<String, Parts>, Vec<(String, String)>)> {
+    let mut modules: IndexMap<String, Parts> = IndexMap::new();
+    let mut saved: Vec<(String, String)> = Vec::new();
+    let mts = pc.modules_to_save.clone().unwrap_or_default();
+    for key in file.names() {
+        let stripped = key.strip_prefix(PEFT_PREFIX).unwrap_or(key);
+        if key.ends_with(".lora_B.bias") {
+            return Err(Error::unsupported(
+                Location::tensor(weights_path, key),
+                "lora_bias (a bias on lora_B) is not supported",
+            ));
+        }
+        match split_key(stripped) {
+            Some((module, part)) => {
+                let p = modules.entry(module.to_string()).or_default();
+                let slot = match part {
+                    Part::A => &mut p.a,
+                    Part::B => &mut p.b,
+                    Part::EmbA => &mut p.ea,
+                    Part::EmbB => &mut p.eb,
+                    Part::Magnitude => &mut p.m,
+                };
+                if slot.replace(key.to_string()).is_some() {
+                    return Err(Error::config(
+                        Location::tensor(weights_path, key),
+                        "the same LoRA tensor appears twice (with and without the adapter name)",
+                    ));
+                }
+            }
+            None => {
+                let module = stripped.rsplit_once('.').map_or(stripped, |(m, _)| m);
+                let is_saved = mts.iter().any(|m| list_matches(m, module)) || module.ends_with(".base_layer");
+                if !is_saved {
+                    return Err(Error::UnknownTensor {
+                        at: Location::tensor(weights_path, key),
+                        hint: "expected <module>.lora_A.weight, .lora_B.weight, .lora_embedding_A/B, \
+                               .lora_magnitude_vector or a tensor of modules_to_save"
+                            .into(),
+                    });
+                }
+                saved.push((key.to_string(), stripped.to_string()));
+            }
+        }
+    }
+    Ok((modules, saved))
+}
+
 /// Read a PEFT adapter folder (or its `adapter_model.safetensors` / `adapter_config.json`).
 ///
 /// Ranks are checked three ways: lora_A against lora_B, and both against the rank PEFT would
@@ -349,58 +413,7 @@ pub fn read_peft<T: Scalar>(path: impl AsRef<Path>) -> Result<Adapter<T>> {
     };
     let file = SafetensorsFile::open(&weights_path)?;
 
-    // Group tensors by module.
-    #[derive(Default)]
-    struct Parts {
-        a: Option<String>,
-        b: Option<String>,
-        ea: Option<String>,
-        eb: Option<String>,
-        m: Option<String>,
-    }
-    let mut modules: IndexMap<String, Parts> = IndexMap::new();
-    let mut saved: Vec<(String, String)> = Vec::new();
-    let mts = pc.modules_to_save.clone().unwrap_or_default();
-    for key in file.names() {
-        let stripped = key.strip_prefix(PEFT_PREFIX).unwrap_or(key);
-        if key.ends_with(".lora_B.bias") {
-            return Err(Error::unsupported(
-                Location::tensor(&weights_path, key),
-                "lora_bias (a bias on lora_B) is not supported",
-            ));
-        }
-        match split_key(stripped) {
-            Some((module, part)) => {
-                let p = modules.entry(module.to_string()).or_default();
-                let slot = match part {
-                    Part::A => &mut p.a,
-                    Part::B => &mut p.b,
-                    Part::EmbA => &mut p.ea,
-                    Part::EmbB => &mut p.eb,
-                    Part::Magnitude => &mut p.m,
-                };
-                if slot.replace(key.to_string()).is_some() {
-                    return Err(Error::config(
-                        Location::tensor(&weights_path, key),
-                        "the same LoRA tensor appears twice (with and without the adapter name)",
-                    ));
-                }
-            }
-            None => {
-                let module = stripped.rsplit_once('.').map_or(stripped, |(m, _)| m);
-                let is_saved = mts.iter().any(|m| list_matches(m, module)) || module.ends_with(".base_layer");
-                if !is_saved {
-                    return Err(Error::UnknownTensor {
-                        at: Location::tensor(&weights_path, key),
-                        hint: "expected <module>.lora_A.weight, .lora_B.weight, .lora_embedding_A/B, \
-                               .lora_magnitude_vector or a tensor of modules_to_save"
-                            .into(),
-                    });
-                }
-                saved.push((key.to_string(), stripped.to_string()));
-            }
-        }
-    }
+    let (modules, saved) = group_keys(&file, &weights_path, &pc)?;
 
     let scaling = if pc.use_rslora { Scaling::RsLora } else { Scaling::Standard };
     // The stored dtype of the factors, recorded so that writers keep it.

@@ -191,6 +191,19 @@ fn hostile_peft_inputs_give_errors_naming_file_and_tensor() {
     assert!(matches!(e, Error::UnknownTensor { .. }));
     assert_names(&e, &st(&d), Some("base_model.model.x.weight"));
 
+    let bias = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias";
+    let d = peft_dir(root, "lora_bias", CFG, &[(A, &[2, 4], 0.1), (B, &[4, 2], 0.1), (bias, &[4], 0.0)]);
+    let e = read_peft::<f32>(&d).unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }) && e.to_string().contains("lora_bias"), "{e}");
+    assert_names(&e, &st(&d), Some(bias));
+
+    // the same factor with and without PEFT's adapter name ("default")
+    let named = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight";
+    let d = peft_dir(root, "twice", CFG, &[(A, &[2, 4], 0.1), (B, &[4, 2], 0.1), (named, &[2, 4], 0.1)]);
+    let e = read_peft::<f32>(&d).unwrap_err();
+    assert!(matches!(e, Error::Config { .. }) && e.to_string().contains("twice"), "{e}");
+    assert_names(&e, &st(&d), Some(named));
+
     let d = peft_dir(root, "nan", CFG, &[(A, &[2, 4], f32::NAN), (B, &[4, 2], 0.1)]);
     let e = read_peft::<f32>(&d).unwrap_err();
     assert!(e.to_string().contains("non-finite"), "{e}");
