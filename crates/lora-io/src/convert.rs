@@ -265,7 +265,7 @@ fn plan_peft(path: &Path) -> Option<(Source, Plan)> {
         return None;
     }
     let file = SafetensorsFile::open(&weights_path).ok()?;
-    let (parts, saved_keys) = peft::group_keys(&file, &weights_path, &pc).ok()?;
+    let peft::Grouped { modules: parts, saved: saved_keys } = peft::group_keys(&file, &weights_path, &pc).ok()?;
     let scaling = if pc.use_rslora { Scaling::RsLora } else { Scaling::Standard };
     let stored_dtype = parts.values().find_map(|p| p.a.as_ref().or(p.ea.as_ref())).and_then(|k| file.dtype(k));
     let config = peft::adapter_config(&pc, &file, &config_text, parts.keys(), stored_dtype);

@@ -323,14 +323,17 @@ pub(crate) struct Parts {
     pub(crate) m: Option<String>,
 }
 
-/// The keys of a PEFT adapter file grouped by module, in file order, and the (key, name) pairs
-/// of the tensors saved whole (`modules_to_save`). Errors name the file and the key: a bias on
-/// lora_B, a part that appears twice, a key that is neither.
-pub(crate) fn group_keys(
-    file: &SafetensorsFile,
-    weights_path: &Path,
-    pc: &PeftConfig,
-) -> Result<(IndexMap<String, Parts>, Vec<(String, String)>)> {
+/// The keys of a PEFT adapter file, by module.
+pub(crate) struct Grouped {
+    /// The factors' keys of each module, in file order.
+    pub(crate) modules: IndexMap<String, Parts>,
+    /// (key, name) of each tensor saved whole (`modules_to_save`).
+    pub(crate) saved: Vec<(String, String)>,
+}
+
+/// The keys of a PEFT adapter file grouped by module. Errors name the file and the key: a bias
+/// on lora_B, a part that appears twice, a key that is neither.
+pub(crate) fn group_keys(file: &SafetensorsFile, weights_path: &Path, pc: &PeftConfig) -> Result<Grouped> {
     let mut modules: IndexMap<String, Parts> = IndexMap::new();
     let mut saved: Vec<(String, String)> = Vec::new();
     let mts = pc.modules_to_save.clone().unwrap_or_default();
@@ -374,7 +377,7 @@ pub(crate) fn group_keys(
             }
         }
     }
-    Ok((modules, saved))
+    Ok(Grouped { modules, saved })
 }
 
 /// Read a PEFT adapter folder (or its `adapter_model.safetensors` / `adapter_config.json`).
@@ -413,7 +416,7 @@ pub fn read_peft<T: Scalar>(path: impl AsRef<Path>) -> Result<Adapter<T>> {
     };
     let file = SafetensorsFile::open(&weights_path)?;
 
-    let (modules, saved) = group_keys(&file, &weights_path, &pc)?;
+    let Grouped { modules, saved } = group_keys(&file, &weights_path, &pc)?;
 
     let scaling = if pc.use_rslora { Scaling::RsLora } else { Scaling::Standard };
     // The stored dtype of the factors, recorded so that writers keep it.
