@@ -95,24 +95,25 @@ impl GgufOptions {
     }
 }
 
+/// (module path within a layer, llama.cpp name within a block) of the Llama-family linears.
+const LAYER_NAMES: [(&str, &str); 7] = [
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
 /// The llama.cpp tensor name (without `.weight`) of a Llama-family module path.
 pub fn gguf_name(module: &str) -> Option<String> {
     if module == "lm_head" {
         return Some("output".into());
     }
-    let rest = module.strip_prefix("model.layers.")?;
-    let (layer, sub) = rest.split_once('.')?;
+    let (layer, sub) = module.strip_prefix("model.layers.")?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let name = match sub {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
+    let (_, name) = LAYER_NAMES.iter().find(|(path, _)| *path == sub)?;
     Some(format!("blk.{layer}.{name}"))
 }
 
@@ -121,20 +122,10 @@ pub fn module_name(gguf: &str) -> Option<String> {
     if gguf == "output" {
         return Some("lm_head".into());
     }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, sub) = rest.split_once('.')?;
+    let (layer, sub) = gguf.strip_prefix("blk.")?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let name = match sub {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{name}"))
+    let (path, _) = LAYER_NAMES.iter().find(|(_, name)| *name == sub)?;
+    Some(format!("model.layers.{layer}.{path}"))
 }
 
 /// llama.cpp's rotary permutation of the output rows of q (heads = n_head) and k (heads =

@@ -621,3 +621,30 @@ fn the_nonfinite_scan_finds_every_nan_and_infinity_and_nothing_else() {
         }
     }
 }
+
+#[test]
+fn llama_cpp_names_map_both_ways() {
+    // the names llama.cpp's GGUF tensor map gives the Llama-family linears
+    let expected = [
+        ("model.layers.0.self_attn.q_proj", "blk.0.attn_q"),
+        ("model.layers.1.self_attn.k_proj", "blk.1.attn_k"),
+        ("model.layers.2.self_attn.v_proj", "blk.2.attn_v"),
+        ("model.layers.3.self_attn.o_proj", "blk.3.attn_output"),
+        ("model.layers.10.mlp.gate_proj", "blk.10.ffn_gate"),
+        ("model.layers.11.mlp.up_proj", "blk.11.ffn_up"),
+        ("model.layers.12.mlp.down_proj", "blk.12.ffn_down"),
+        ("lm_head", "output"),
+    ];
+    for (module, gguf) in expected {
+        assert_eq!(crate::gguf::gguf_name(module).as_deref(), Some(gguf), "{module}");
+        assert_eq!(crate::gguf::module_name(gguf).as_deref(), Some(module), "{gguf}");
+    }
+    for module in
+        ["model.layers.x.self_attn.q_proj", "model.layers.0.mlp.fc1", "model.embed_tokens", "layers.0.mlp.up_proj"]
+    {
+        assert_eq!(crate::gguf::gguf_name(module), None, "{module}");
+    }
+    for gguf in ["blk.0.attn_qkv", "blk.x.attn_q", "token_embd", "blk.0"] {
+        assert_eq!(crate::gguf::module_name(gguf), None, "{gguf}");
+    }
+}

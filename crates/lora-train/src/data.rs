@@ -277,37 +277,43 @@ fn jsonl_line(
 /// Read `data` (plain text, or JSONL when its name ends in `.jsonl`) into tokenised records, in
 /// memory ([`stream_records`] gives the same tokens without holding them).
 pub fn read_records(data: &Path, tokenizer: &TextTokenizer) -> Result<Vec<Record>> {
-    let mut records = Vec::new();
-    let mut current = Record::default();
+    let mut records = Records::default();
     stream_records(data, tokenizer, |event| {
-        match event {
-            Event::Tokens { ids, counted } => {
-                current.ids.extend_from_slice(ids);
-                current.counts.resize(current.ids.len(), counted);
-            }
-            Event::RecordEnd => records.push(std::mem::take(&mut current)),
-        }
+        records.push(event);
         Ok(())
     })?;
-    Ok(records)
+    Ok(records.done)
+}
+
+/// Records assembled from [`Event`]s.
+#[derive(Default)]
+struct Records {
+    done: Vec<Record>,
+    current: Record,
+}
+
+impl Records {
+    fn push(&mut self, event: Event<'_>) {
+        match event {
+            Event::Tokens { ids, counted } => {
+                self.current.ids.extend_from_slice(ids);
+                self.current.counts.resize(self.current.ids.len(), counted);
+            }
+            Event::RecordEnd => self.done.push(std::mem::take(&mut self.current)),
+        }
+    }
 }
 
 /// Parse JSONL `text` (named `name` in errors) into tokenised records.
 pub fn parse_jsonl(text: &str, name: &str, tokenizer: &TextTokenizer) -> Result<Vec<Record>> {
-    let mut records = Vec::new();
-    let mut current = Record::default();
+    let mut collected = Records::default();
     for (i, line) in text.lines().enumerate() {
         jsonl_line(line, &format!("{name}:{}", i + 1), tokenizer, &mut |event| {
-            match event {
-                Event::Tokens { ids, counted } => {
-                    current.ids.extend_from_slice(ids);
-                    current.counts.resize(current.ids.len(), counted);
-                }
-                Event::RecordEnd => records.push(std::mem::take(&mut current)),
-            }
+            collected.push(event);
             Ok(())
         })?;
     }
+    let records = collected.done;
     if records.is_empty() {
         return Err(Error::Input(format!("{name} holds no record")));
     }
